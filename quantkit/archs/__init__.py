@@ -1,0 +1,134 @@
+"""Architecture support as data (`exllamav2.toml` beside this file) and the one config reader.
+
+`resolve(config)` is the only way into the table: it returns the `ArchSpec` for
+`config["architectures"][0]` or raises `UnsupportedArchitecture` naming the reason, before any work.
+exllamav2 itself warns and then loads unknown architectures as Llama; quantkit refuses instead.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from quantkit.errors import UnsupportedArchitecture
+
+__all__ = ["ArchSpec", "Refusal", "resolve", "supported", "refused", "field_aliases", "read_field", "MISSING"]
+
+
+class ArchSpec(BaseModel):
+    """How exllamav2 0.3.2 builds one architecture, as far as sizing and conversion need it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    family: str
+    norm: Literal["rmsnorm", "layernorm"]
+    mlp: Literal["gated", "plain"]
+    act: Literal["silu", "gelu"]
+    qkv: Literal["split", "fused"]
+    rope: Literal["neox", "gptj", "none"]
+    moe: bool
+    mqa: bool
+    parallel_decoder: bool
+    alternating_swa: bool
+    lm_head_tied_key: bool
+    experimental: bool
+    requires: str | None = None
+    note: str | None = None
+    default_vocab: int | None = None
+    default_head_dim: int | None = None
+    default_heads: int | None = None
+    default_kv_heads: int | None = None
+    default_inner_dim_mult: int | None = None
+    default_max_positions: int = 2048
+
+
+class Refusal(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    family: str
+    reason: str
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, Any]:
+    text = resources.files(__package__).joinpath("exllamav2.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def supported() -> list[ArchSpec]:
+    t = _table()
+    return [ArchSpec(name=name, **(t["defaults"] | entry)) for name, entry in t["arch"].items()]
+
+
+def refused() -> list[Refusal]:
+    return [Refusal(name=name, **entry) for name, entry in _table()["refused"].items()]
+
+
+def field_aliases(field: str) -> list[str]:
+    return list(_table()["fields"][field])
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: Sentinel default: the key is required.
+MISSING: Any = _Missing()
+
+
+def _lookup(config: dict[str, Any], path: str) -> Any:
+    node: Any = config
+    for part in path.split("->"):
+        if not isinstance(node, dict) or part not in node:
+            return MISSING
+        node = node[part]
+    return node
+
+
+def read_field(config: dict[str, Any], field: str, default: Any = MISSING) -> Any:
+    """Read one hyperparameter the way exllamav2's `config.read` does.
+
+    Tries each alias of `field` at the top level, then under `text_config` (exllamav2's opt_subkey for
+    VLMs). A JSON null counts as absent (Starling's `"sliding_window": null`). Returns `default` when no
+    alias is present; with the `MISSING` default the caller decides how to fail.
+    """
+    aliases = field_aliases(field)
+    for scope in (config, config.get("text_config") or {}):
+        for alias in aliases:
+            value = _lookup(scope, alias)
+            if value is not MISSING and value is not None:
+                return value
+    return default
+
+
+def resolve(config: dict[str, Any]) -> ArchSpec:
+    """The table entry for this config, or `UnsupportedArchitecture` with the reason."""
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs:
+        raise UnsupportedArchitecture("(none)", "config.json has no \"architectures\" list")
+    if len(archs) != 1:
+        # exllamav2: assert len(read_config["architectures"]) == 1
+        raise UnsupportedArchitecture(", ".join(map(str, archs)), "exllamav2 needs exactly one entry in \"architectures\"")
+    name = str(archs[0])
+    by_name = {a.name: a for a in supported()}
+    if name in by_name:
+        spec = by_name[name]
+        if spec.requires:
+            path, _, want = spec.requires.partition("=")
+            got = _lookup(config, path)
+            if got != want:
+                raise UnsupportedArchitecture(
+                    name, f"exllamav2 0.3.2 recognises it only with {path.replace('->', '.')} = {want!r} (found {got if got is not MISSING else 'none'!r})"
+                )
+        return spec
+    for r in refused():
+        if r.name == name:
+            raise UnsupportedArchitecture(name, r.reason)
+    raise UnsupportedArchitecture(name, "not an architecture exllamav2 0.3.2 recognises; it would load it as Llama and produce garbage or fail")

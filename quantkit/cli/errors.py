@@ -1,0 +1,47 @@
+"""The one edge where quantkit's typed errors become a one-line message with a remedy.
+
+Every `QuantkitError` subclass the core raises has a row here; `tests/test_cli_errors.py` checks each.
+Set QUANTKIT_DEBUG=1 to get the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from quantkit import errors as e
+
+DEBUG_ENV = "QUANTKIT_DEBUG"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").lower() not in {"", "0", "false", "no"}
+
+
+_Formatter = Callable[[Any], str]
+
+ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
+    e.ConfigMissing: lambda x: f"no config.json in {x.path}: point MODEL at a Hugging Face model folder (one holding config.json) or a Hub repo id",
+    e.ConfigUnreadable: lambda x: f"{x.path}: {x.reason}; fix or re-download that file",
+    e.MissingConfigKey: lambda x: f"{x.arch} config.json has no {x.field} (looked for {', '.join(x.aliases)}): add it to config.json",
+    e.UnsupportedArchitecture: lambda x: f"architecture {x.arch} is not supported: {x.reason}. `quantkit archs` lists what is",
+    e.InvalidBits: lambda x: f"bits {x.value}: {x.reason}; pass e.g. --bits 8.0,6.5,5.0",
+    e.InvalidHeadBits: lambda x: f"head bits {x.value} is not an lm_head option of exllamav2: use 2, 3, 4, 5, 6 or 8 (e.g. --head-bits 8)",
+    e.InvalidContext: lambda x: f"context {x.value}: {x.reason}; e.g. --context 4k,8k,16k,32k",
+    e.UnknownCacheMode: lambda x: f"unknown cache mode {x.value!r}: use one of {', '.join(x.known)} (e.g. --cache fp16,q4)",
+    e.InvalidSize: lambda x: f"GPU size {x.value!r} does not parse: write it like 24GiB, 24GB or 16384MiB",
+    e.HubOffline: lambda x: f"{x.repo_id}: the Hugging Face Hub cannot be reached (offline, or HF_HUB_OFFLINE is set): download the model's config.json into a folder and pass that folder",
+    e.HubRepoNotFound: lambda x: f"{x.repo_id}: not found on the Hub {x.detail}".rstrip() + "; check the repo id, or log in with `hf auth login` for a private repo",
+    e.ModelNotFound: lambda x: f"{x.ref}: no such folder and not a Hub repo id: pass a model folder or an id like user/model",
+    e.CorruptSafetensors: lambda x: f"{x.path}: {x.reason}: the shard is truncated or not safetensors; re-download or re-convert it",
+}
+
+
+def format_error(exc: BaseException) -> str:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls](exc)
+    if isinstance(exc, e.QuantkitError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__}: {exc} (set {DEBUG_ENV}=1 for the traceback, and please report it)"

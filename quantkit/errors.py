@@ -1,0 +1,100 @@
+"""Typed exceptions raised by quantkit's core.
+
+Each carries the facts of the problem; the one table that turns them into a one-line message with a
+remedy lives at the CLI edge (`quantkit.cli.errors`). The core never formats for a terminal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class QuantkitError(Exception):
+    """Base of every error quantkit expects and explains."""
+
+
+class ConfigMissing(QuantkitError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"no config.json in {path}")
+        self.path = path
+
+
+class ConfigUnreadable(QuantkitError):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class MissingConfigKey(QuantkitError):
+    def __init__(self, arch: str, field: str, aliases: list[str]) -> None:
+        super().__init__(f"{arch}: config.json has none of {aliases}")
+        self.arch = arch
+        self.field = field
+        self.aliases = aliases
+
+
+class UnsupportedArchitecture(QuantkitError):
+    def __init__(self, arch: str, reason: str) -> None:
+        super().__init__(f"{arch}: {reason}")
+        self.arch = arch
+        self.reason = reason
+
+
+class InvalidBits(QuantkitError):
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"bits {value!r}: {reason}")
+        self.value = value
+        self.reason = reason
+
+
+class InvalidHeadBits(QuantkitError):
+    def __init__(self, value: str) -> None:
+        super().__init__(f"head bits {value!r}")
+        self.value = value
+
+
+class InvalidContext(QuantkitError):
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"context {value!r}: {reason}")
+        self.value = value
+        self.reason = reason
+
+
+class UnknownCacheMode(QuantkitError):
+    def __init__(self, value: str, known: list[str]) -> None:
+        super().__init__(f"cache mode {value!r}")
+        self.value = value
+        self.known = known
+
+
+class InvalidSize(QuantkitError):
+    def __init__(self, value: str) -> None:
+        super().__init__(f"size {value!r}")
+        self.value = value
+
+
+class HubOffline(QuantkitError):
+    def __init__(self, repo_id: str) -> None:
+        super().__init__(f"{repo_id}: the Hugging Face Hub cannot be reached")
+        self.repo_id = repo_id
+
+
+class HubRepoNotFound(QuantkitError):
+    def __init__(self, repo_id: str, detail: str = "") -> None:
+        super().__init__(f"{repo_id}: not found on the Hub {detail}".strip())
+        self.repo_id = repo_id
+        self.detail = detail
+
+
+class ModelNotFound(QuantkitError):
+    def __init__(self, ref: str) -> None:
+        super().__init__(f"{ref}: neither a folder nor a Hub repo id")
+        self.ref = ref
+
+
+class CorruptSafetensors(QuantkitError):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

@@ -1,0 +1,34 @@
+"""The one seam to the Hugging Face Hub.
+
+Everything quantkit asks of the Hub goes through `get_hf_api()`, so tests patch one function and
+assert the exact calls. `ensure_reachable` fails fast when offline: huggingface_hub's own HTTP layer
+retries a failed DNS lookup five times with back-off (about 25 s) before it gives up.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+from huggingface_hub import HfApi, constants
+
+from quantkit.errors import HubOffline
+
+
+def get_hf_api() -> HfApi:
+    return HfApi()
+
+
+def ensure_reachable(repo_id: str, *, timeout: float = 3.0) -> None:
+    """Raise `HubOffline` at once when the Hub cannot be reached, instead of a stack of retries."""
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        raise HubOffline(repo_id)
+    url = urlparse(constants.ENDPOINT)
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise HubOffline(repo_id) from exc
