@@ -1,0 +1,37 @@
+"""Offline by construction: every test runs with the Hub unreachable and a private HF home."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+CONFIGS = FIXTURES / "configs"
+
+
+@pytest.fixture(autouse=True)
+def offline_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("QUANTKIT_HOME", str(home / "quantkit"))
+    monkeypatch.delenv("QUANTKIT_DEBUG", raising=False)
+
+
+def model_folder(tmp_path: Path, config: dict | str | Path, name: str = "model") -> Path:
+    """A model folder holding just config.json (from a dict, or a fixture file name / path)."""
+    folder = tmp_path / name
+    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(config, dict):
+        (folder / "config.json").write_text(json.dumps(config))
+    else:
+        src = Path(config)
+        if not src.is_absolute():
+            src = CONFIGS / src
+        shutil.copy(src, folder / "config.json")
+    return folder
