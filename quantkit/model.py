@@ -130,7 +130,7 @@ def read_shape(config: dict[str, Any], spec: ArchSpec) -> ModelShape:
         kv_heads=kv_heads,
         head_dim=head_dim,
         vocab=vocab,
-        tied_embeddings=bool(read_field(config, "tied", False)),
+        tied_embeddings=bool(read_field(config, "tied", spec.tied_default)),
         experts=experts,
         experts_per_token=experts_per_token,
         partial_rotary=float(prf),

@@ -36,6 +36,7 @@ class ArchSpec(BaseModel):
     parallel_decoder: bool
     alternating_swa: bool
     lm_head_tied_key: bool
+    tied_default: bool
     experimental: bool
     requires: str | None = None
     note: str | None = None
