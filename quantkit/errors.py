@@ -98,3 +98,49 @@ class CorruptSafetensors(QuantkitError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+# ---- issue 6: architecture adapters -------------------------------------------------------------------
+
+
+class AdapterRefused(UnsupportedArchitecture):
+    """The adapter for this architecture cannot map one feature of this config exactly."""
+
+    def __init__(self, arch: str, feature: str, reason: str) -> None:
+        super().__init__(arch, f"{feature}: {reason}")
+        self.feature = feature
+        self.detail = reason
+
+
+class AdapterCheckpointMismatch(QuantkitError):
+    """The checkpoint's tensors are not the ones the config and the adapter expect."""
+
+    def __init__(self, arch: str, reason: str) -> None:
+        super().__init__(f"{arch}: {reason}")
+        self.arch = arch
+        self.reason = reason
+
+
+class AdapterTargetInvalid(QuantkitError):
+    """The working copy's folder would overlap the user's model folder, or holds something else."""
+
+    def __init__(self, src: Path, dst: Path, reason: str) -> None:
+        super().__init__(f"{dst}: {reason}")
+        self.src = src
+        self.dst = dst
+        self.reason = reason
+
+
+class NoWeights(QuantkitError):
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"no *.safetensors or pytorch_model*.bin in {path}")
+        self.path = path
+
+
+class MissingExtra(QuantkitError):
+    """An optional dependency is needed for this step."""
+
+    def __init__(self, package: str, purpose: str) -> None:
+        super().__init__(f"{package} is needed to {purpose}")
+        self.package = package
+        self.purpose = purpose

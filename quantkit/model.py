@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantkit import archs, hub
 from quantkit.archs import MISSING, ArchSpec, read_field
+from quantkit.archs.adapters import AdapterPlan
 from quantkit.errors import (
     ConfigMissing,
     ConfigUnreadable,
@@ -75,6 +76,9 @@ class Model(BaseModel):
     spec: ArchSpec
     shape: ModelShape
     tensors: dict[str, TensorHeader]
+    #: The adapter's plan when exllamav2 lacks this architecture and an adapter maps it: then `spec` and
+    #: `shape` are the adapted model's (what exllamav2 builds), `config` the source's.
+    adapter: AdapterPlan | None = None
 
     @property
     def name(self) -> str:
@@ -176,8 +180,9 @@ def read_local_tensors(path: Path) -> dict[str, TensorHeader]:
 
 
 def _model(ref: str, source: str, path: Path | None, config: dict[str, Any], tensors: dict[str, TensorHeader]) -> Model:
-    spec = archs.resolve(config)
-    return Model(ref=ref, source=source, path=path, config=config, spec=spec, shape=read_shape(config, spec), tensors=tensors)
+    r = archs.resolve_model(config)
+    return Model(ref=ref, source=source, path=path, config=config, spec=r.spec, shape=read_shape(r.config, r.spec),
+                 tensors=tensors, adapter=r.adapter)
 
 
 def load_model(ref: str | Path, *, read_tensors: bool = True) -> Model:

@@ -3,6 +3,10 @@
 `resolve(config)` is the only way into the table: it returns the `ArchSpec` for
 `config["architectures"][0]` or raises `UnsupportedArchitecture` naming the reason, before any work.
 exllamav2 itself warns and then loads unknown architectures as Llama; quantkit refuses instead.
+
+Architectures exllamav2 lacks but an adapter maps (`adapters.toml`, `quantkit.archs.adapters`) resolve to
+the adapter's target: `resolve_model(config)` returns that spec with the adapted config.json to read
+the shape from, and the adapter's plan.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import UnsupportedArchitecture
 
-__all__ = ["ArchSpec", "Refusal", "resolve", "supported", "refused", "field_aliases", "read_field", "MISSING"]
+__all__ = ["ArchSpec", "Refusal", "Resolved", "resolve", "resolve_model", "supported", "refused", "field_aliases", "read_field", "MISSING"]
 
 
 class ArchSpec(BaseModel):
@@ -109,8 +113,35 @@ def read_field(config: dict[str, Any], field: str, default: Any = MISSING) -> An
     return default
 
 
+class Resolved(BaseModel):
+    """What exllamav2 will build for a config: its table entry, the config.json it will read (the
+    adapted one when an adapter applies) and the adapter's plan (None when the model is read as it is)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    spec: ArchSpec
+    config: dict[str, Any]
+    adapter: Any = None  # AdapterPlan | None (typed loosely: the adapters package imports this module)
+
+
+def resolve_model(config: dict[str, Any]) -> Resolved:
+    """`resolve`, with adapters: an adapted architecture resolves to its target, after the adapter's check
+    (which raises `AdapterRefused`, an `UnsupportedArchitecture`, naming a feature it cannot map)."""
+    from quantkit.archs import adapters
+
+    plan = adapters.check(config) if isinstance(config.get("architectures"), list) and len(config["architectures"]) == 1 else None
+    if plan is None:
+        return Resolved(spec=_resolve_table(config), config=config)
+    return Resolved(spec=_resolve_table(plan.config), config=plan.config, adapter=plan)
+
+
 def resolve(config: dict[str, Any]) -> ArchSpec:
-    """The table entry for this config, or `UnsupportedArchitecture` with the reason."""
+    """The table entry exllamav2 will build for this config (an adapter's target when one applies), or
+    `UnsupportedArchitecture` with the reason. Read the shape from `resolve_model(config).config`."""
+    return resolve_model(config).spec
+
+
+def _resolve_table(config: dict[str, Any]) -> ArchSpec:
     archs = config.get("architectures")
     if not isinstance(archs, list) or not archs:
         raise UnsupportedArchitecture("(none)", "config.json has no \"architectures\" list")

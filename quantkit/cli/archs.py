@@ -6,13 +6,15 @@ import click
 from rich.table import Table
 
 from quantkit import EXLLAMAV2_VERSION, archs as table
+from quantkit.archs import adapters
 from quantkit.cli.output import Output
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def archs(as_json: bool) -> None:
-    """List the architectures quantkit supports (exllamav2's own list) and those it refuses.
+    """List the architectures quantkit supports (exllamav2's own list), those it maps onto one of them
+    through an adapter (experimental until proven on a GPU), and those it refuses.
 
     \b
     Examples:
@@ -20,9 +22,10 @@ def archs(as_json: bool) -> None:
       quantkit archs --json
     """
     out = Output()
-    sup, ref = table.supported(), table.refused()
+    sup, ref, ada = table.supported(), table.refused(), adapters.entries()
     if as_json:
-        out.json({"exllamav2": EXLLAMAV2_VERSION, "supported": [a.model_dump() for a in sup], "refused": [r.model_dump() for r in ref]})
+        out.json({"exllamav2": EXLLAMAV2_VERSION, "supported": [a.model_dump() for a in sup], "refused": [r.model_dump() for r in ref],
+                  "adapters": [a.model_dump() | {"experimental": a.experimental} for a in ada]})
         return
     t = Table(title=f"Supported: exllamav2 {EXLLAMAV2_VERSION} recognises these config.json architectures")
     for col in ("architectures[0]", "family", "norm", "mlp", "attention", "notes"):
@@ -35,6 +38,13 @@ def archs(as_json: bool) -> None:
         ) if n]
         t.add_row(a.name, a.family, a.norm, f"{a.mlp} {a.act}", f"{a.qkv} qkv", "; ".join(notes))
     out.rich(t)
+    a = Table(title="Adapted: quantkit rewrites a working copy into an architecture exllamav2 has")
+    for col in ("architectures[0]", "family", "becomes", "maths", "status"):
+        a.add_column(col)
+    for x in ada:
+        status = "experimental: not yet proven in exllamav2 on a GPU" if x.experimental else "proven on a GPU"
+        a.add_row(x.source, x.family, x.target, "exact" if x.exact else f"near-exact: {x.difference}", status)
+    out.rich(a)
     r = Table(title="Refused before any work (exllamav2 would load them as Llama)")
     r.add_column("architectures[0]")
     r.add_column("family")

@@ -35,6 +35,12 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.HubRepoNotFound: lambda x: f"{x.repo_id}: not found on the Hub {x.detail}".rstrip() + "; check the repo id, or log in with `hf auth login` for a private repo",
     e.ModelNotFound: lambda x: f"{x.ref}: no such folder and not a Hub repo id: pass a model folder or an id like user/model",
     e.CorruptSafetensors: lambda x: f"{x.path}: {x.reason}: the shard is truncated or not safetensors; re-download or re-convert it",
+    # issue 6: architecture adapters
+    e.AdapterRefused: lambda x: f"{x.arch}: quantkit's adapter cannot map {x.feature} ({x.detail}); exllamav2 has no exact equivalent, so this model cannot be quantized with it. `quantkit archs` lists what maps",
+    e.AdapterCheckpointMismatch: lambda x: f"{x.arch} checkpoint does not match its config.json: {x.reason}; re-download the model or fix config.json",
+    e.AdapterTargetInvalid: lambda x: f"{x.dst}: {x.reason}; pick a new, empty folder outside the model folder {x.src}",
+    e.NoWeights: lambda x: f"no weights in {x.path} (looked for *.safetensors and pytorch_model*.bin): download the model's weight files into that folder",
+    e.MissingExtra: lambda x: f"{x.package} is needed to {x.purpose}: pip install {x.package}",
 }
 
 

@@ -118,7 +118,8 @@ def vram(model: str, bits: str | None, head_bits: int, branches_file: Path | Non
     """Plan VRAM for EXL2 quants of MODEL (a folder with config.json, a converted EXL2 folder, or a Hub id).
 
     Reads config.json and safetensors headers only, never tensor data. A converted folder is sized
-    from its real tensors; otherwise from bits x parameters.
+    from its real tensors; otherwise from bits x parameters. An architecture exllamav2 lacks but a
+    quantkit adapter maps (StableLM, GPT-NeoX; see `quantkit archs`) is sized as the adapted model.
 
     \b
     Examples:
@@ -126,6 +127,7 @@ def vram(model: str, bits: str | None, head_bits: int, branches_file: Path | Non
       quantkit vram examples/llama3-8b --cache fp16,q4 --format markdown
       quantkit vram examples/llama3-8b --bits 4.0,3.5 --head-bits 6 --format json
       quantkit vram examples/llama3-8b --gpu 12GiB --cache fp16,q8,q4
+      quantkit vram stabilityai/stablelm-zephyr-3b --format json
     """
     out = Output()
     brs = _branches(bits, head_bits, branches_file)
@@ -136,12 +138,18 @@ def vram(model: str, bits: str | None, head_bits: int, branches_file: Path | Non
         raise click.BadParameter("give at least one context", param_hint="--context")
     m = load_model(model)
     plan = make_plan(m, brs, ctxs, modes)
+    if m.adapter is not None:
+        out.warn(f"sized as the adapted model: {m.adapter.summary()}")
     for w in plan.warnings:
         out.warn(w)
     fit = fit_gpu(m, brs, modes, gpu_bytes, max(ctxs)) if gpu_bytes is not None else None
     names = [c.value for c in modes]
     if fmt == "json":
         data = {"model": plan.model, "rows": [r.model_dump() for r in plan.rows]}
+        if m.adapter is not None:
+            data["adapter"] = {"adapter": m.adapter.adapter, "source_arch": m.adapter.source_arch, "target_arch": m.adapter.target_arch,
+                               "status": m.adapter.status, "experimental": m.adapter.experimental, "exact": m.adapter.exact,
+                               "differences": m.adapter.differences}
         if fit is not None:
             data["fit"] = fit.model_dump()
         out.json(data)
