@@ -77,7 +77,7 @@ def test_context_beyond_model_max_is_a_warning(llama3):
 
 def test_config_only_folder_and_archs():
     r = run("archs")
-    assert r.exit_code == 0 and "Qwen3MoeForCausalLM" in r.stdout and "GPTNeoXForCausalLM" in r.stdout
+    assert r.exit_code == 0 and "Qwen3MoeForCausalLM" in r.stdout and "PhiForCausalLM" in r.stdout
     data = json.loads(run("archs", "--json").stdout)
     assert len(data["supported"]) == 28
 
@@ -100,8 +100,8 @@ BAD_INPUT = [
     (lambda t, m: ["vram", str(t / "nowhere")], 1, "no such folder and not a Hub repo id"),
     (lambda t, m: ["vram", str(t)], 1, "no config.json in"),
     (lambda t, m: ["vram", _bad_json(t)], 1, "not valid JSON"),
-    (lambda t, m: ["vram", str(model_folder(t, FIXTURES / "models/rocket-3b/config.json", "rocket"))], 1,
-     "architecture StableLmForCausalLM is not supported"),
+    (lambda t, m: ["vram", str(model_folder(t, {"architectures": ["PhiForCausalLM"]}, "phi2"))], 1,
+     "architecture PhiForCausalLM is not supported"),
     (lambda t, m: ["vram", m, "--bits", "9.5"], 1, "bits 9.5: exllamav2 targets 2 to 8 bits per weight"),
     (lambda t, m: ["vram", m, "--bits", "six"], 1, "bits six: not a number"),
     (lambda t, m: ["vram", m, "--head-bits", "7"], 1, "head bits 7 is not an lm_head option"),

@@ -97,18 +97,21 @@ def test_partial_rotary_and_text_config():
     assert (shape.head_dim, shape.rotary_dim, shape.kv_heads, shape.layers) == (128, 64, 2, 4)
 
 
-@pytest.mark.parametrize("path, arch", [
-    (MODELS / "rocket-3b/config.json", "StableLmForCausalLM"),
-    (MODELS / "stablelm-zephyr-3b/config.json", "StableLmForCausalLM"),
-    (MODELS / "stablelm-3b-4e1t/config.original-846682b-StableLMEpoch.json", "StableLMEpochForCausalLM"),
-    (MODELS / "redpajama-3b-chat/config.json", "GPTNeoXForCausalLM"),
+# The seed models exllamav2 lacks resolve to their adapter's target (issue 6), never silently to Llama.
+@pytest.mark.parametrize("path, source, target", [
+    (MODELS / "rocket-3b/config.json", "StableLmForCausalLM", "OrionForCausalLM"),
+    (MODELS / "stablelm-zephyr-3b/config.json", "StableLmForCausalLM", "OrionForCausalLM"),
+    (MODELS / "stablelm-3b-4e1t/config.original-846682b-StableLMEpoch.json", "StableLMEpochForCausalLM", "OrionForCausalLM"),
+    (MODELS / "redpajama-3b-chat/config.json", "GPTNeoXForCausalLM", "Starcoder2ForCausalLM"),
 ])
-def test_seed_models_exllamav2_lacks_are_refused_by_name(path, arch):
+def test_seed_models_exllamav2_lacks_resolve_through_their_adapter(path, source, target):
     config = json.loads(path.read_text())
-    with pytest.raises(UnsupportedArchitecture) as info:
-        archs.resolve(config)
-    assert info.value.arch == arch
-    assert "exllamav2 0.3.2" in info.value.reason
+    resolved = archs.resolve_model(config)
+    assert resolved.spec.name == target
+    assert resolved.adapter is not None and resolved.adapter.source_arch == source
+    shape = read_shape(resolved.config, resolved.spec)
+    # StableLM: rotary over 0.25 of head_dim 80; GPT-NeoX (RedPajama): full rotary.
+    assert shape.rotary_dim == (20 if "StableL" in source else 80)
 
 
 @pytest.mark.parametrize("config, why", [
