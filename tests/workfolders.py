@@ -50,8 +50,15 @@ def tiny_tensors(path: Path, seed: int, n: int = 64) -> None:
     save_file({"model.layers.0.self_attn.q_proj.q_weight": rng.integers(0, 2**31, size=(n,), dtype=np.int32)}, str(path))
 
 
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+
+
 def make_work(tmp_path: Path, *, source: str = "alice/tiny-llama", branches: tuple[str, ...] = ("8_0", "6_5"),
-              model_folder: Path | None = None, name: str = "work") -> Path:
+              model_folder: Path | None = None, name: str = "work", config: dict | None = None) -> Path:
     """A converted work folder as issue 4 leaves it, with tiny shards."""
     work = tmp_path / name
     (work / "out").mkdir(parents=True)
@@ -66,7 +73,15 @@ def make_work(tmp_path: Path, *, source: str = "alice/tiny-llama", branches: tup
         out = work / "out" / b
         out.mkdir()
         tiny_tensors(out / "output.safetensors", i)
-        (out / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "quantization_config": {"quant_method": "exl2", "bits": float(b.replace("_", "."))}}))
-        (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+        bits = float(b.replace("_", "."))
+        cfg = dict(config or (json.loads((model_folder / "config.json").read_text()) if model_folder else TINY_LLAMA))
+        cfg["quantization_config"] = {"quant_method": "exl2", "version": "0.3.2", "bits": bits, "head_bits": 8}
+        (out / "config.json").write_text(json.dumps(cfg))
+        if model_folder is not None:
+            for f in model_folder.iterdir():
+                if f.name not in ("config.json", "README.md"):
+                    shutil.copy(f, out / f.name)
+        else:
+            (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}))
         (out / "quantkit.json").write_text(json.dumps({"branch": b, "bits": float(b.replace("_", ".")), "head_bits": 8, "source_model": source}))
     return work
