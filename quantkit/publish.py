@@ -208,11 +208,11 @@ def publish_branch(work: Path, branch: str, target: Target, *, card: Path | None
     return result
 
 
-def write_card(work: Path, repo: str) -> Path:
+def write_card(work: Path, repo: str, *, prompt_format: str | None = None) -> Path:
     """Render the card for `repo` into WORK/publish/README.md (rewritten only when it changed)."""
     from quantkit.card import card_spec, parse_card, render_card
 
-    text = render_card(card_spec(work, repo=repo))
+    text = render_card(card_spec(work, repo=repo, override_format=prompt_format))
     parse_card(text)
     path = work / "publish" / CARD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def write_card(work: Path, repo: str) -> Path:
     return path
 
 
-def publish(work: Path, target: Target, *, repo: str, force: bool = False,
+def publish(work: Path, target: Target, *, repo: str, force: bool = False, prompt_format: str | None = None,
             progress: Callable[[str], None] | None = None) -> list[BranchResult]:
     """Publish main, then every converted branch. Call `target.preflight(...)` first for the Hub."""
     say = progress or (lambda _m: None)
@@ -230,7 +230,7 @@ def publish(work: Path, target: Target, *, repo: str, force: bool = False,
         raise WorkFolderIncomplete(work, "no converted branch in out/", f"run `quantkit convert MODEL --work {work}` first")
     for b in branches:
         check_branch_name(b)
-    card = write_card(work, repo)
+    card = write_card(work, repo, prompt_format=prompt_format)
     target.prepare()
     hashes = FileHashes()
     results = [publish_main(work, target, card, force=force, hashes=hashes)]

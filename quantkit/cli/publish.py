@@ -17,7 +17,8 @@ from quantkit.cli.output import Output
 @click.option("--to", "to", type=click.Path(path_type=Path, file_okay=False),
               help="Publish into this local git repository instead of the Hub (created if missing).")
 @click.option("--force", is_flag=True, help="Overwrite or delete files on a branch that quantkit did not write.")
-def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool) -> None:
+@click.option("--prompt-format", "prompt_fmt", help="The card's prompt format when the model's is unknown (see `quantkit card --help`).")
+def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, prompt_fmt: str | None) -> None:
     """Publish a converted work folder: main gets measurement.json, README.md and the recipe; each
     WORK/out/<branch> goes to its own branch, cut from the repo's first commit, with the README too.
 
@@ -55,10 +56,10 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool) 
     if private and isinstance(target, GitTarget):
         out.warn("--private applies to the Hub only; the local repository is yours alone")
     if isinstance(target, HubTarget):
-        card = write_card(work, repo)
+        card = write_card(work, repo, prompt_format=prompt_fmt)
         for line in target.preflight(upload_bytes=upload_bytes(work, card), source=_hub_id(source_model(work)),
                                      card_text=card.read_text(encoding="utf-8")):
             out.info(line)
-    results = run_publish(work, target, repo=repo, force=force, progress=out.info)
+    results = run_publish(work, target, repo=repo, force=force, prompt_format=prompt_fmt, progress=out.info)
     made = sum(r.committed for r in results)
     out.info(f"{target.id}: {len(results)} branches verified, {made} commit{'s' if made != 1 else ''} made")
