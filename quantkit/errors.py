@@ -144,3 +144,99 @@ class MissingExtra(QuantkitError):
         super().__init__(f"{package} is needed to {purpose}")
         self.package = package
         self.purpose = purpose
+# ---- issue 5: the model card and publishing ------------------------------------------------------------
+
+
+class UnknownPromptFormat(QuantkitError):
+    def __init__(self, value: str, known: list[str]) -> None:
+        super().__init__(f"prompt format {value!r}")
+        self.value = value
+        self.known = known
+
+
+class WorkFolderIncomplete(QuantkitError):
+    def __init__(self, work: Path, missing: str, remedy: str) -> None:
+        super().__init__(f"{work}: {missing}")
+        self.work = work
+        self.missing = missing
+        self.remedy = remedy
+
+
+class InvalidRepoId(QuantkitError):
+    def __init__(self, repo_id: str, reason: str) -> None:
+        super().__init__(f"repo id {repo_id!r}: {reason}")
+        self.repo_id = repo_id
+        self.reason = reason
+
+
+class InvalidBranchName(QuantkitError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"branch name {name!r}")
+        self.name = name
+
+
+class NoHubToken(QuantkitError):
+    def __init__(self) -> None:
+        super().__init__("no Hugging Face token")
+
+
+class TokenCannotWrite(QuantkitError):
+    def __init__(self, namespace: str, user: str, reason: str) -> None:
+        super().__init__(f"{user} cannot write to {namespace}: {reason}")
+        self.namespace = namespace
+        self.user = user
+        self.reason = reason
+
+
+class HubRequestFailed(QuantkitError):
+    def __init__(self, action: str, status: int | None, reason: str, attempts: int = 1) -> None:
+        super().__init__(f"{action}: HTTP {status}: {reason}")
+        self.action = action
+        self.status = status
+        self.reason = reason
+        self.attempts = attempts
+
+
+class ForeignFiles(QuantkitError):
+    def __init__(self, target: str, branch: str, files: list[str]) -> None:
+        super().__init__(f"{target}@{branch}: files quantkit did not write: {files}")
+        self.target = target
+        self.branch = branch
+        self.files = files
+
+
+class BranchVerifyFailed(QuantkitError):
+    def __init__(self, target: str, branch: str, missing: list[str], unexpected: list[str]) -> None:
+        super().__init__(f"{target}@{branch}: missing {missing}, unexpected {unexpected}")
+        self.target = target
+        self.branch = branch
+        self.missing = missing
+        self.unexpected = unexpected
+
+
+class PrivateStorageExceeded(QuantkitError):
+    def __init__(self, needed: int, quota: int, plan: str) -> None:
+        super().__init__(f"{needed} bytes exceed the {plan} private storage of {quota} bytes")
+        self.needed = needed
+        self.quota = quota
+        self.plan = plan
+
+
+class GitFailed(QuantkitError):
+    def __init__(self, args: list[str], reason: str) -> None:
+        super().__init__(f"git {' '.join(args)}: {reason}")
+        self.args_ = args
+        self.reason = reason
+
+
+class LocalTargetDirty(QuantkitError):
+    def __init__(self, path: Path, files: list[str]) -> None:
+        super().__init__(f"{path}: uncommitted changes {files}")
+        self.path = path
+        self.files = files
+
+
+class CardInvalid(QuantkitError):
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"model card: {reason}")
+        self.reason = reason

@@ -32,3 +32,19 @@ def ensure_reachable(repo_id: str, *, timeout: float = 3.0) -> None:
             pass
     except OSError as exc:
         raise HubOffline(repo_id) from exc
+
+
+def token() -> str | None:
+    """The configured Hugging Face token (HF_TOKEN or `hf auth login`), or None."""
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def validate_card(text: str) -> None:
+    """The Hub's own check of a card's metadata (`ModelCard.validate`, a POST to /api/validate-yaml).
+
+    Online only: `quantkit publish` calls it in its Hub pre-flight. Raises ValueError when invalid."""
+    from huggingface_hub import ModelCard
+
+    ModelCard(text).validate()

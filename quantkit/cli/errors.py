@@ -41,6 +41,20 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.AdapterTargetInvalid: lambda x: f"{x.dst}: {x.reason}; pick a new, empty folder outside the model folder {x.src}",
     e.NoWeights: lambda x: f"no weights in {x.path} (looked for *.safetensors and pytorch_model*.bin): download the model's weight files into that folder",
     e.MissingExtra: lambda x: f"{x.package} is needed to {x.purpose}: pip install {x.package}",
+    # issue 5: the model card and publishing
+    e.UnknownPromptFormat: lambda x: f"prompt format {x.value!r} is neither a known name nor a format containing {{prompt}}: use one of {', '.join(x.known)}, or e.g. --prompt-format '### User:\\n{{prompt}}\\n### Assistant:\\n'",
+    e.WorkFolderIncomplete: lambda x: f"{x.work}: {x.missing}; {x.remedy}",
+    e.InvalidRepoId: lambda x: f"repo id {x.repo_id!r} is not valid ({x.reason}): write it as USER/NAME, e.g. --repo alice/Llama-3-8B-exl2",
+    e.InvalidBranchName: lambda x: f"branch name {x.name!r} is not allowed: use only letters, digits, '.', '_' and '-' (like 6_5 or 6.5bpw)",
+    e.NoHubToken: lambda x: "no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN), or publish into a local git repository with --to PATH",
+    e.TokenCannotWrite: lambda x: f"the token of {x.user} cannot write to {x.namespace} ({x.reason}): create a write token at https://huggingface.co/settings/tokens, or publish under your own name",
+    e.HubRequestFailed: lambda x: f"{x.action} failed on the Hub (HTTP {x.status or 'no response'}" + (f", after {x.attempts} attempts" if x.attempts > 1 else "") + f"): {x.reason}; rerun `quantkit publish`, it finishes only what is missing",
+    e.ForeignFiles: lambda x: f"{x.target} branch {x.branch} holds files quantkit did not write: {', '.join(x.files)}; publish to another repo, or pass --force to overwrite them",
+    e.BranchVerifyFailed: lambda x: f"{x.target} branch {x.branch} does not hold what was committed (missing: {', '.join(x.missing) or 'none'}; unexpected: {', '.join(x.unexpected) or 'none'}); rerun `quantkit publish` to finish it",
+    e.PrivateStorageExceeded: lambda x: f"the upload needs {x.needed / 1e9:.1f} GB but {x.plan} private storage is {x.quota / 1e9:.0f} GB: publish without --private, or free private storage",
+    e.GitFailed: lambda x: f"git {' '.join(x.args_[:3])} failed: {x.reason}; check the local target repository",
+    e.LocalTargetDirty: lambda x: f"{x.path} has uncommitted changes ({', '.join(x.files[:5])}): commit or stash them, or pick another --to folder",
+    e.CardInvalid: lambda x: f"the model card does not validate: {x.reason}; fix the source's metadata (license, base_model) or report it",
 }
 
 

@@ -47,9 +47,12 @@ def cli() -> None:
 
 def _mount() -> None:
     from quantkit.cli import archs, vram
+    from quantkit.cli import card, publish
 
     cli.add_command(vram.vram)
     cli.add_command(archs.archs)
+    cli.add_command(card.card)
+    cli.add_command(publish.publish)
 
 
 _mount()

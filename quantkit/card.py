@@ -1,0 +1,290 @@
+"""The README of a published EXL2 repo: front matter, prompt format, the "Available sizes" table.
+
+`card_spec` gathers the facts from a work folder (real branch sizes once converted) or a model folder
+(the planner's figures); `render_card` fills `templates/card.md.j2`. The front matter names the source
+as `base_model` (never the source's own base_model) and parses back through huggingface_hub's ModelCard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from pydantic import BaseModel, ConfigDict
+
+from quantkit import EXLLAMAV2_VERSION
+from quantkit.branches import Branch, default_branches
+from quantkit.errors import CardInvalid, WorkFolderIncomplete
+from quantkit.model import Model, load_model
+from quantkit.plan import Plan, make_plan
+from quantkit.prompt_format import PromptFormat, prompt_format
+from quantkit.tables import cache_statement, markdown_table
+from quantkit.vram import CacheMode
+from quantkit.workfolder import BRANCH_PROVENANCE, PROVENANCE, RECIPE, is_work_folder, pick, read_json, source_model
+from quantkit.workfolder import converted_branches
+
+CONTEXTS = (4096, 8192, 16384, 32768)
+TEMPLATE = "card.md.j2"
+_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "chat_template.jinja")
+
+
+class CardSpec(BaseModel):
+    """Everything the card says, gathered before rendering (tests and `--json` read it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str  # the source as the user named it
+    base_model: str | None  # its Hub id, when known
+    repo: str  # where the quants are published (a placeholder when not given)
+    quantized_by: str | None
+    license: str | None
+    license_name: str | None
+    license_link: str | None
+    exllamav2_version: str
+    calibration: str
+    prompt: PromptFormat
+    plan: Plan
+    sizes: dict[str, int]  # branch -> bytes of its safetensors
+    cache: str
+    converted: bool
+    source_card: str | None
+    notes: list[str]  # said on screen, never in the card
+    adapter: str | None = None  # issue 6: the architecture adapter exllamav2 needed, and its status
+
+
+def _hub_id(ref: str | None) -> str | None:
+    if not ref or "/" not in ref or Path(ref).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return None
+    return ref
+
+
+def _source_folder(ref: str | None) -> Path | None:
+    if ref and Path(ref).expanduser().is_dir():
+        return Path(ref).expanduser()
+    return None
+
+
+def _source_readme(folder: Path | None, hub_id: str | None, notes: list[str]) -> ModelCard | None:
+    """The source's own card: README.md in its folder, else from the Hub when it can be reached."""
+    if folder is not None and (folder / "README.md").is_file():
+        return ModelCard.load(folder / "README.md")
+    if hub_id is None:
+        return None
+    from quantkit import hub
+    from quantkit.errors import HubOffline
+
+    try:
+        hub.ensure_reachable(hub_id)
+        path = hub.get_hf_api().hf_hub_download(hub_id, "README.md")
+    except HubOffline:
+        notes.append(f"the Hub cannot be reached: the card has no license and no source card for {hub_id}")
+        return None
+    except Exception as exc:  # noqa: BLE001 - a missing source card is not fatal; the reason is said
+        notes.append(f"could not read {hub_id}'s README.md ({type(exc).__name__}): the card has no license from it")
+        return None
+    return ModelCard.load(Path(path))
+
+
+def _calibration(work: Path | None) -> str:
+    if work is None:
+        return "not measured yet"
+    prov = read_json(work / PROVENANCE)
+    recipe = read_json(work / RECIPE)
+    cal = pick(prov, "calibration") or pick(recipe, "calibration")
+    if isinstance(cal, dict):
+        name = pick(cal, "name", "dataset", "id", "source", "path", default="unnamed")
+        sha = pick(cal, "sha256", "manifest_sha256")
+    else:
+        name, sha = cal, pick(prov, "calibration_sha256", "calibration_manifest_sha256")
+    if not name:
+        return "not measured yet" if not (work / "measurement.json").is_file() else "not recorded"
+    rows = pick(prov, "rows", "calibration.rows") or pick(recipe, "rows", "calibration.rows")
+    length = pick(prov, "length", "calibration.length") or pick(recipe, "length", "calibration.length")
+    text = str(name)
+    if rows and length:
+        text += f" ({rows} rows of {length} tokens)"
+    if sha:
+        text += f", manifest sha256 `{str(sha)[:12]}`"
+    return text
+
+
+def _recipe_branches(work: Path | None) -> list[Branch]:
+    defaults = {b.name: b for b in default_branches()}
+    raw = pick(read_json(work / RECIPE), "branches") if work is not None else None
+    if not isinstance(raw, list) or not raw:
+        return list(defaults.values())
+    out = []
+    for b in raw:
+        if isinstance(b, dict) and "bits" in b:
+            from quantkit.units import branch_name
+
+            name = b.get("name") or branch_name(float(b["bits"]))
+            desc = b.get("description") or (defaults[name].description if name in defaults else "")
+            out.append(Branch(name=name, bits=float(b["bits"]), head_bits=int(b.get("head_bits", 8)), description=desc))
+    return out or list(defaults.values())
+
+
+def _converted_plan(work: Path, names: list[str], planned: dict[str, Branch], cache: CacheMode) -> tuple[Plan, dict[str, int]]:
+    """One plan over every converted branch, each sized from its own safetensors headers."""
+    rows, sizes, descriptions, warnings = [], {}, {}, []
+    ram, weights_from = 0, "safetensors headers"
+    for name in names:
+        folder = work / "out" / name
+        model = load_model(folder)
+        qk = read_json(folder / BRANCH_PROVENANCE)
+        qc = model.config.get("quantization_config") or {}
+        bits = float(pick(qk, "bits", default=None) or pick(qc, "bits", default=None) or planned.get(name, _nobranch()).bits)
+        head = int(pick(qk, "head_bits", default=None) or pick(qc, "head_bits", default=None) or planned.get(name, _nobranch()).head_bits)
+        br = Branch(name=name, bits=bits, head_bits=head, description=planned[name].description if name in planned else "")
+        plan = make_plan(model, [br], list(CONTEXTS), [cache])
+        rows += plan.rows
+        ram, weights_from = plan.embeddings_ram_bytes, plan.weights_from
+        warnings += [w for w in plan.warnings if w not in warnings]
+        descriptions[name] = br.description
+        sizes[name] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return Plan(model=str(work), rows=rows, embeddings_ram_bytes=ram, weights_from=f"{weights_from} of each branch",
+                warnings=warnings, descriptions=descriptions), sizes
+
+
+def _nobranch() -> Branch:
+    return Branch(name="?", bits=8.0, head_bits=8)
+
+
+def _planned_sizes(plan: Plan) -> dict[str, int]:
+    """File size of a planned branch: quantized weights plus the fp16 embedding table it also stores."""
+    first = {}
+    for r in plan.rows:
+        first.setdefault(r.branch, r)
+    return {b: r.components["decoder_weights"] + r.components["norms_and_biases"] + r.components["lm_head"] + plan.embeddings_ram_bytes
+            for b, r in first.items()}
+
+
+def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str | None = None, cache: str = "fp16",
+              base_model: str | None = None, include_source_card: bool = True) -> CardSpec:
+    """Gather the card's facts from a work folder (converted or not) or a model folder / Hub id.
+
+    Raises:
+        WorkFolderIncomplete: a work folder that names no source model and has no conversion.
+        the errors of `load_model` for the source model.
+    """
+    notes: list[str] = []
+    mode = CacheMode(cache)
+    path = Path(ref).expanduser()
+    work = path if is_work_folder(path) else None
+    source_ref = source_model(work) if work is not None else str(ref)
+    names = converted_branches(work) if work is not None else []
+    if work is not None and source_ref is None and not names:
+        raise WorkFolderIncomplete(work, "no source model recorded and no converted branch",
+                                   "run `quantkit measure MODEL --work WORK` first, or pass the model folder instead")
+    folder = _source_folder(source_ref)
+    hub_id = base_model or _hub_id(source_ref)
+    if hub_id is None:
+        notes.append(f"{source_ref} is not a Hub repo id: the card has no base_model (pass --base-model USER/NAME)")
+
+    tokenizer_dir = folder
+    if (tokenizer_dir is None or not any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES)) and names:
+        tokenizer_dir = work / "out" / names[0]  # type: ignore[operator]
+    fmt = prompt_format(tokenizer_dir, override=override_format) if tokenizer_dir is not None else PromptFormat(
+        name="unknown", text="", source="none", note="no tokenizer files to read: pass --prompt-format")
+    if fmt.note:
+        notes.append(f"prompt format: {fmt.note}")
+
+    planned = {b.name: b for b in _recipe_branches(work)}
+    adapter: str | None = None
+    if names:
+        plan, sizes = _converted_plan(work, names, planned, mode)  # type: ignore[arg-type]
+    else:
+        model: Model = load_model(folder if folder is not None else str(source_ref))
+        plan = make_plan(model, list(planned.values()), list(CONTEXTS), [mode])
+        sizes = _planned_sizes(plan)
+        adapter = model.adapter.summary() if model.adapter is not None else None
+    notes += plan.warnings
+
+    src = _source_readme(folder, hub_id, notes)
+    data = src.data if src is not None else ModelCardData()
+    prov = read_json(work / PROVENANCE) if work is not None else {}
+    version = str(pick(prov, "exllamav2_version", "exllamav2.version", "exllamav2", default=EXLLAMAV2_VERSION))
+    recorded = pick(prov, "adapter.summary", "adapter", default=None)
+    if adapter is None and isinstance(recorded, str):
+        adapter = recorded
+    if adapter is not None:
+        notes.append(f"architecture adapter: {adapter}")
+    return CardSpec(
+        source=hub_id or (folder.name if folder is not None else str(source_ref)),
+        base_model=hub_id,
+        repo=repo or f"USER/{(hub_id or str(source_ref)).rstrip('/').split('/')[-1]}-exl2",
+        quantized_by=repo.split("/")[0] if repo else None,
+        license=getattr(data, "license", None),
+        license_name=getattr(data, "license_name", None),
+        license_link=getattr(data, "license_link", None),
+        exllamav2_version=version,
+        calibration=_calibration(work),
+        prompt=fmt,
+        plan=plan,
+        sizes=sizes,
+        cache=mode.value,
+        converted=bool(names),
+        source_card=(src.text.strip() or None) if (src is not None and include_source_card) else None,
+        notes=notes,
+        adapter=adapter,
+    )
+
+
+def front_matter(spec: CardSpec) -> str:
+    fields: dict[str, Any] = {
+        "base_model": spec.base_model,
+        "base_model_relation": "quantized" if spec.base_model else None,
+        "license": spec.license,
+        "license_name": spec.license_name,
+        "license_link": spec.license_link,
+        "pipeline_tag": "text-generation",
+        "tags": ["exl2", "exllamav2", "quantized"],
+        "quantized_by": spec.quantized_by,
+    }
+    return ModelCardData(**{k: v for k, v in fields.items() if v is not None}).to_yaml()
+
+
+def _example_branch(spec: CardSpec) -> str:
+    branches = list(dict.fromkeys(r.branch for r in spec.plan.rows))
+    recommended = [b for b in branches if "recommended" in spec.plan.descriptions.get(b, "").lower()]
+    return (recommended or branches)[0]
+
+
+def render_card(spec: CardSpec) -> str:
+    from jinja2 import Environment, PackageLoader, StrictUndefined
+
+    env = Environment(loader=PackageLoader("quantkit", "templates"), trim_blocks=True, lstrip_blocks=True,
+                      keep_trailing_newline=True, undefined=StrictUndefined, autoescape=False)
+    example = _example_branch(spec)
+    text = env.get_template(TEMPLATE).render(
+        front_matter=front_matter(spec).strip(),
+        source=spec.source,
+        original=f"[{spec.base_model}](https://huggingface.co/{spec.base_model})" if spec.base_model else spec.source,
+        exllamav2_version=spec.exllamav2_version,
+        calibration=spec.calibration,
+        prompt_text=spec.prompt.text.rstrip("\n"),
+        cache_statement=cache_statement(spec.plan, spec.cache),
+        planned=not spec.converted,
+        table=markdown_table(spec.plan, spec.cache, sizes=spec.sizes),
+        repo=spec.repo,
+        example=example,
+        folder=f"{spec.repo.split('/')[-1]}-{example}",
+        source_card=spec.source_card,
+        adapter=spec.adapter,
+    )
+    return text
+
+
+def parse_card(text: str) -> ModelCard:
+    """The card as huggingface_hub reads it; raises `CardInvalid` when its front matter does not parse."""
+    try:
+        return ModelCard(text, ignore_metadata_errors=False)
+    except Exception as exc:  # noqa: BLE001 - yaml and ValueError alike mean a broken card
+        raise CardInvalid(f"{type(exc).__name__}: {exc}") from exc

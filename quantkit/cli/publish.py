@@ -1,0 +1,65 @@
+"""`quantkit publish`: main + one branch per bitrate, on the Hub or in a local git repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from quantkit import hub
+from quantkit.cli.output import Output
+
+
+@click.command()
+@click.argument("work", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--repo", required=True, help="The Hub repo USER/NAME (created if missing; also named in the card).")
+@click.option("--private", is_flag=True, help="Create the Hub repo private (checked against your private storage).")
+@click.option("--to", "to", type=click.Path(path_type=Path, file_okay=False),
+              help="Publish into this local git repository instead of the Hub (created if missing).")
+@click.option("--force", is_flag=True, help="Overwrite or delete files on a branch that quantkit did not write.")
+@click.option("--prompt-format", "prompt_fmt", help="The card's prompt format when the model's is unknown (see `quantkit card --help`).")
+def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, prompt_fmt: str | None) -> None:
+    """Publish a converted work folder: main gets measurement.json, README.md and the recipe; each
+    WORK/out/<branch> goes to its own branch, cut from the repo's first commit, with the README too.
+
+    Reruns are cheap: only what is missing or changed is committed, and every branch is checked
+    afterwards. Without a Hugging Face token (and without --to) it publishes into the local git
+    repository WORK/hub-repo, which you can inspect and push later.
+
+    \b
+    Examples:
+      quantkit publish work/llama3 --repo alice/Llama-3-8B-exl2
+      quantkit publish work/llama3 --repo alice/Llama-3-8B-exl2 --private
+      quantkit publish work/llama3 --repo alice/Llama-3-8B-exl2 --to /tmp/llama3-exl2
+      git -C /tmp/llama3-exl2 log --all --oneline
+    """
+    from quantkit.card import _hub_id
+    from quantkit.git_target import GitTarget
+    from quantkit.publish import publish as run_publish
+    from quantkit.publish import upload_bytes, write_card
+    from quantkit.targets import HubTarget, Target, check_repo_id
+    from quantkit.workfolder import source_model
+
+    out = Output()
+    check_repo_id(repo)
+    target: Target
+    if to is not None:
+        target = GitTarget(to)
+    elif hub.token():
+        hub.ensure_reachable(repo)
+        target = HubTarget(repo, private=private)
+    else:
+        to = work / "hub-repo"
+        target = GitTarget(to)
+        out.warn(f"no Hugging Face token configured: publishing into the local git repository {to} instead "
+                 f"(inspect it with `git -C {to} log --all`; log in with `hf auth login` and rerun to publish to the Hub)")
+    if private and isinstance(target, GitTarget):
+        out.warn("--private applies to the Hub only; the local repository is yours alone")
+    if isinstance(target, HubTarget):
+        card = write_card(work, repo, prompt_format=prompt_fmt)
+        for line in target.preflight(upload_bytes=upload_bytes(work, card), source=_hub_id(source_model(work)),
+                                     card_text=card.read_text(encoding="utf-8")):
+            out.info(line)
+    results = run_publish(work, target, repo=repo, force=force, prompt_format=prompt_fmt, progress=out.info)
+    made = sum(r.committed for r in results)
+    out.info(f"{target.id}: {len(results)} branches verified, {made} commit{'s' if made != 1 else ''} made")

@@ -1,0 +1,40 @@
+"""Markdown renderings of a VRAM plan shared by `quantkit vram --format markdown` and the model card."""
+
+from __future__ import annotations
+
+from quantkit import EXLLAMAV2_VERSION
+from quantkit.plan import Plan
+from quantkit.units import format_gib
+from quantkit.vram import CacheMode
+
+
+def context_label(ctx: int) -> str:
+    return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
+
+
+def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = None) -> str:
+    """The seed card's "Available sizes" table for one cache mode (GiB, as those cards meant by "GB")."""
+    rows = [r for r in plan.rows if r.cache == cache]
+    contexts = sorted({r.context for r in rows})
+    head = ["Branch", "Bits", "lm_head bits"] + (["Size"] if sizes else []) + [f"VRAM ({context_label(c)})" for c in contexts] + ["Description"]
+    lines = [" | ".join(head) + " |", "|".join(["---"] * len(head)) + "|"]
+    branches = list(dict.fromkeys(r.branch for r in rows))
+    for br in branches:
+        cells = {r.context: r for r in rows if r.branch == br}
+        first = cells[contexts[0]]
+        line = [br, f"{first.bits:g}" if first.bits % 1 else f"{first.bits:.1f}", str(first.head_bits)]
+        if sizes:
+            line.append(format_gib(sizes.get(br, 0)))
+        line += [format_gib(cells[c].total_bytes) for c in contexts]
+        line.append(plan.descriptions.get(br, ""))
+        lines.append(" | ".join(line) + " |")
+    return "\n".join(lines)
+
+
+def cache_statement(plan: Plan, cache: str) -> str:
+    """The sentence above a table saying which cache, generator and weight source its figures assume."""
+    return (
+        f"VRAM with {cache.upper()} cache ({CacheMode(cache).exl2_class}), estimated by quantkit for exllamav2 "
+        f"{EXLLAMAV2_VERSION}'s dynamic generator on one GPU, weights from {plan.weights_from}; token embeddings "
+        f"use {format_gib(plan.embeddings_ram_bytes)} of system RAM."
+    )

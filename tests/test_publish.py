@@ -1,0 +1,330 @@
+"""Publishing to the Hub through the HfApi seam: exact calls, retries, resume, idempotence, refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from unittest.mock import call
+
+import httpx2
+import pytest
+from click.testing import CliRunner
+
+from fakehub import FakeHub, http_error
+from quantkit import hub, targets
+from quantkit.cli.main import cli
+from quantkit.errors import (
+    BranchVerifyFailed,
+    ForeignFiles,
+    HubRequestFailed,
+    InvalidBranchName,
+    NoHubToken,
+    PrivateStorageExceeded,
+    TokenCannotWrite,
+    WorkFolderIncomplete,
+)
+from quantkit.publish import publish, publish_branch
+from quantkit.targets import HubTarget
+from workfolders import make_work
+
+REPO = "alice/tiny-exl2"
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeHub:
+    hub_ = FakeHub()
+    api = hub_.mock()
+    hub_.api = api  # type: ignore[attr-defined]
+    monkeypatch.setattr(hub, "get_hf_api", lambda: api)
+    monkeypatch.setattr(hub, "validate_card", lambda text: None)
+    return hub_
+
+
+def _target(sleeps: list[float] | None = None, private: bool = False) -> HubTarget:
+    return HubTarget(REPO, private=private, sleep=(sleeps.append if sleeps is not None else lambda s: None))
+
+
+def _ops(c: call) -> list[str]:
+    return sorted(op.path_in_repo for op in c.kwargs["operations"])
+
+
+def test_first_publish_makes_exactly_these_calls(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    results = publish(work, _target(), repo=REPO)
+    api = fake.api  # type: ignore[attr-defined]
+    api.create_repo.assert_called_once_with(REPO, private=False, exist_ok=True, repo_type="model")
+    first = fake.list_repo_commits(REPO)[-1].commit_id
+    assert fake.commits[first].title == "initial commit"
+    # Each bitrate branch is cut from the repo's FIRST commit, never from main.
+    assert api.create_branch.call_args_list == [
+        call(REPO, branch="8_0", revision=first, exist_ok=True),
+        call(REPO, branch="6_5", revision=first, exist_ok=True),
+    ]
+    commits = api.create_commit.call_args_list
+    assert [c.kwargs["revision"] for c in commits] == ["main", "8_0", "6_5"]
+    assert _ops(commits[0]) == ["README.md", "measurement.json", "measurement.provenance.json", "recipe.json"]
+    assert _ops(commits[1]) == ["README.md", "config.json", "output.safetensors", "quantkit.json", "tokenizer_config.json"]
+    assert commits[0].kwargs["commit_message"].startswith("quantkit")
+    # The README commit on main carries the card; every branch carries the same card and not main's files.
+    card = (work / "publish" / "README.md").read_bytes()
+    assert fake.files("main")["README.md"] == card and b"hf download alice/tiny-exl2 --revision 6_5" in card
+    for b in ("8_0", "6_5"):
+        files = fake.files(b)
+        assert sorted(files) == [".gitattributes", "README.md", "config.json", "output.safetensors", "quantkit.json", "tokenizer_config.json"]
+        assert files["README.md"] == card
+        assert files["output.safetensors"] == (work / "out" / b / "output.safetensors").read_bytes()
+        assert fake.history(b) == [f"quantkit: branch {b} ({float(b.replace('_', '.')):g} bpw)", "initial commit"]
+    assert [r.committed for r in results] == [True, True, True]
+    state = json.loads((work / "state.json").read_text())
+    assert set(state["published"]) == {"main", "8_0", "6_5"}
+    assert state["published"]["6_5"][f"hub:{REPO}"]["commit"] == fake.branches["6_5"]
+
+
+def test_second_run_makes_no_commit(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    publish(work, _target(), repo=REPO)
+    heads = dict(fake.branches)
+    fake.api.reset_mock()  # type: ignore[attr-defined]
+    results = publish(work, _target(), repo=REPO)
+    assert fake.api.create_commit.call_count == 0 and fake.api.create_branch.call_count == 0  # type: ignore[attr-defined]
+    assert fake.branches == heads
+    assert not any(r.committed for r in results)
+
+
+def test_state_json_keeps_other_keys(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    (work / "state.json").write_text(json.dumps({"stage": "converted", "branches": {"8_0": "converted"}}))
+    publish(work, _target(), repo=REPO)
+    state = json.loads((work / "state.json").read_text())
+    assert state["stage"] == "converted" and state["branches"] == {"8_0": "converted"} and "published" in state
+
+
+def test_changed_shard_uploads_only_that_file(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    publish(work, _target(), repo=REPO)
+    (work / "out" / "6_5" / "quantkit.json").write_text('{"branch": "6_5", "bits": 6.5, "redone": true}')
+    fake.api.reset_mock()  # type: ignore[attr-defined]
+    publish(work, _target(), repo=REPO)
+    (only,) = fake.api.create_commit.call_args_list  # type: ignore[attr-defined]
+    assert (only.kwargs["revision"], _ops(only)) == ("6_5", ["quantkit.json"])
+
+
+@pytest.mark.parametrize(("method", "error", "waits"), [
+    ("create_commit", http_error(429, {"retry-after": "7"}), [7.0]),  # rate limit: wait as told
+    ("create_commit", http_error(500), [2.0]),  # server error: back off
+    ("create_commit", httpx2.ConnectError("connection reset by peer"), [2.0]),  # connection lost mid-upload
+    ("list_repo_tree", http_error(503), [2.0]),
+    ("create_branch", http_error(502), [2.0]),
+])
+def test_retryable_failures_are_retried(tmp_path: Path, fake: FakeHub, method: str, error: BaseException, waits: list[float]) -> None:
+    work = make_work(tmp_path)
+    fake.fail[method] = [error]
+    sleeps: list[float] = []
+    publish(work, _target(sleeps), repo=REPO)
+    assert sleeps == waits
+    assert sorted(fake.files("6_5")) == sorted(fake.files("8_0"))
+    assert len(fake.history("6_5")) == 2  # one commit, not two
+
+
+def test_backoff_grows_then_gives_up_with_the_reason(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    fake.fail["create_commit"] = [http_error(500, message="Internal Error")] * 6
+    sleeps: list[float] = []
+    with pytest.raises(HubRequestFailed) as info:
+        publish(work, _target(sleeps), repo=REPO)
+    assert sleeps == [2.0, 4.0, 8.0, 16.0, 32.0]
+    assert (info.value.status, info.value.attempts, info.value.reason) == (500, 6, "Internal Error")
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 413])
+def test_other_client_errors_fail_at_once(tmp_path: Path, fake: FakeHub, status: int) -> None:
+    work = make_work(tmp_path)
+    fake.fail["create_commit"] = [http_error(status, message="You are not allowed")]
+    sleeps: list[float] = []
+    with pytest.raises(HubRequestFailed) as info:
+        publish(work, _target(sleeps), repo=REPO)
+    assert sleeps == [] and info.value.status == status and "not allowed" in info.value.reason
+
+
+def test_interrupted_run_finishes_only_what_is_missing(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path, branches=("8_0", "6_5", "5_0"))
+    # main and 8_0 land; then the connection dies for good while 6_5 uploads.
+    real = fake.create_commit
+
+    def flaky(*args, **kwargs):
+        if kwargs.get("revision") == "6_5":
+            raise httpx2.ConnectError("connection lost")
+        return real(*args, **kwargs)
+
+    fake.api.create_commit.side_effect = flaky  # type: ignore[attr-defined]
+    with pytest.raises(HubRequestFailed):
+        publish(work, _target(), repo=REPO)
+    state = json.loads((work / "state.json").read_text())
+    assert set(state["published"]) == {"main", "8_0"}
+    fake.api.create_commit.side_effect = None  # type: ignore[attr-defined]
+    fake.api.reset_mock()  # type: ignore[attr-defined]
+    publish(work, _target(), repo=REPO)
+    assert [c.kwargs["revision"] for c in fake.api.create_commit.call_args_list] == ["6_5", "5_0"]  # type: ignore[attr-defined]
+    assert set(json.loads((work / "state.json").read_text())["published"]) == {"main", "8_0", "6_5", "5_0"}
+
+
+def test_commit_that_landed_before_the_error_is_not_repeated(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    fake.land_then_fail = [http_error(504)]  # the gateway timed out, but main's commit went through
+    publish(work, _target(), repo=REPO)
+    assert fake.history("main") == ["quantkit: measurement.json, README and recipe", "initial commit"]
+
+
+def test_commit_that_changed_nothing_is_caught_and_a_rerun_finishes(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    fake.noop_commits = 1  # the server says yes and nothing lands (unsloth #2370's silent case)
+    with pytest.raises(BranchVerifyFailed) as info:
+        publish(work, _target(), repo=REPO)
+    assert info.value.branch == "main" and "README.md" in info.value.missing
+    publish(work, _target(), repo=REPO)
+    assert "measurement.json" in fake.files("main")
+
+
+def test_foreign_files_are_refused_and_named_then_forced(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    target = _target()
+    target.prepare()
+    first = target.first_commit()
+    fake.create_branch(REPO, branch="6_5", revision=first)
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("someone else's notes")
+    readme = tmp_path / "README.md"
+    readme.write_text("someone else's card")
+    from huggingface_hub import CommitOperationAdd
+
+    fake.create_commit(REPO, operations=[CommitOperationAdd("NOTES.md", str(notes)), CommitOperationAdd("README.md", str(readme))],
+                       commit_message="Upload folder using huggingface_hub", revision="6_5")
+    with pytest.raises(ForeignFiles) as info:
+        publish(work, _target(), repo=REPO)
+    assert info.value.branch == "6_5" and info.value.files == ["NOTES.md", "README.md"]
+    assert b"someone else's card" == fake.files("6_5")["README.md"]
+    publish(work, _target(), repo=REPO, force=True)
+    assert "NOTES.md" not in fake.files("6_5") and fake.files("6_5")["README.md"] == fake.files("main")["README.md"]
+
+
+def test_stale_quantkit_files_are_removed_without_force(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    publish(work, _target(), repo=REPO)
+    shard = work / "out" / "8_0" / "output.safetensors"
+    shard.rename(shard.with_name("output-00001-of-00001.safetensors"))  # a reconversion sharded differently
+    publish(work, _target(), repo=REPO)
+    assert "output.safetensors" not in fake.files("8_0") and "output-00001-of-00001.safetensors" in fake.files("8_0")
+
+
+def test_publish_branch_alone_for_the_run_overlap(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    publish(work, _target(), repo=REPO)
+    (work / "out" / "4_0").mkdir()
+    for f in (work / "out" / "6_5").iterdir():
+        (work / "out" / "4_0" / f.name).write_bytes(f.read_bytes())
+    target = _target()
+    target.prepare()
+    result = publish_branch(work, "4_0", target)
+    assert result.committed and "output.safetensors" in fake.files("4_0")
+    assert "4_0" in json.loads((work / "state.json").read_text())["published"]
+
+
+def test_bad_branch_name_is_refused_before_any_call(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path, branches=("8_0",))
+    (work / "out" / "8_0").rename(work / "out" / "8 0")
+    with pytest.raises(InvalidBranchName):
+        publish(work, _target(), repo=REPO)
+    fake.api.create_repo.assert_not_called()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("remove", ["measurement.json", "out"])
+def test_incomplete_work_folder(tmp_path: Path, fake: FakeHub, remove: str) -> None:
+    import shutil
+
+    work = make_work(tmp_path)
+    target = work / remove
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    with pytest.raises(WorkFolderIncomplete):
+        publish(work, _target(), repo=REPO)
+
+
+# ---- pre-flight ------------------------------------------------------------------------------------
+
+
+def _preflight(fake: FakeHub, *, private: bool = False, upload: int = 10, source: str | None = "src/model") -> list[str]:
+    return _target(private=private).preflight(upload_bytes=upload, source=source, card_text="---\n---\n")
+
+
+@pytest.mark.parametrize(("whoami", "expect"), [
+    ({"name": "alice", "auth": {"accessToken": {"role": "read"}}}, "read-only"),
+    ({"name": "bob", "orgs": [], "auth": {"accessToken": {"role": "write"}}}, "not a member"),
+    ({"name": "bob", "orgs": [{"name": "alice", "roleInOrg": "read"}], "auth": {"accessToken": {"role": "write"}}}, "role in alice is read"),
+    ({"name": "alice", "auth": {"accessToken": {"role": "fineGrained", "fineGrained": {"scoped": [
+        {"entity": {"type": "user", "name": "alice"}, "permissions": ["repo.content.read"]}]}}}}, "no repo.write"),
+])
+def test_preflight_refuses_tokens_that_cannot_write(fake: FakeHub, whoami: dict, expect: str) -> None:
+    fake.whoami_answer = whoami
+    with pytest.raises(TokenCannotWrite, match=expect):
+        _preflight(fake)
+
+
+def test_preflight_accepts_org_writer_and_reports_gating(fake: FakeHub) -> None:
+    fake.whoami_answer = {"name": "bob", "orgs": [{"name": "alice", "roleInOrg": "write"}], "auth": {"accessToken": {"role": "write"}}}
+    fake.gated = "manual"
+    lines = _preflight(fake)
+    assert "token: bob can write to alice" in lines
+    assert any("src/model is gated (manual)" in line for line in lines)
+
+
+def test_preflight_private_storage(fake: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(targets, "FREE_PRIVATE_BYTES", 1000)
+    with pytest.raises(PrivateStorageExceeded):
+        _preflight(fake, private=True, upload=1001)
+    assert any("private repo" in line for line in _preflight(fake, private=True, upload=999))
+
+
+def test_preflight_without_token(fake: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.api.token = None  # type: ignore[attr-defined]
+    monkeypatch.setattr(hub, "token", lambda: None)
+    with pytest.raises(NoHubToken):
+        _preflight(fake)
+
+
+def test_preflight_invalid_token_is_one_error(fake: FakeHub) -> None:
+    fake.fail["whoami"] = [http_error(401, message="Invalid credentials")]
+    with pytest.raises(TokenCannotWrite, match="invalid or expired"):
+        _preflight(fake)
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------
+
+
+def test_cli_publishes_to_the_hub_with_a_token(tmp_path: Path, fake: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = make_work(tmp_path)
+    monkeypatch.setattr(hub, "token", lambda: "hf_fake")
+    monkeypatch.setattr(hub, "ensure_reachable", lambda repo_id: None)
+    result = CliRunner().invoke(cli, ["publish", str(work), "--repo", REPO])
+    assert result.exit_code == 0, result.output
+    assert "token: alice can write to alice" in result.stderr
+    assert f"hub:{REPO}: 3 branches verified, 3 commits made" in result.stderr
+    assert fake.api.create_commit.call_count == 3  # type: ignore[attr-defined]
+
+
+def test_cli_defaults_to_local_git_without_a_token(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    result = CliRunner().invoke(cli, ["publish", str(work), "--repo", REPO])
+    assert result.exit_code == 0, result.output
+    assert "no Hugging Face token configured: publishing into the local git repository" in result.stderr
+    assert (work / "hub-repo" / "measurement.json").is_file()
+    fake.api.create_repo.assert_not_called()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("args", "expect"), [
+    (["--repo", "not a repo"], "is not valid"),
+    (["--repo", "a/b/c"], "exactly USER/NAME"),
+])
+def test_cli_bad_input_is_one_line(tmp_path: Path, fake: FakeHub, args: list[str], expect: str) -> None:
+    work = make_work(tmp_path)
+    result = CliRunner().invoke(cli, ["publish", str(work), *args])
+    assert result.exit_code == 1
+    assert expect in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.output
