@@ -6,35 +6,21 @@ The presets keep the seed models' vocab and head layout; the folders built here 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import CONFIGS, FIXTURES, load_gpu_script
 from safetensors import safe_open
 
 from quantkit.cli.main import cli
 from quantkit.model import load_model
 
-from conftest import CONFIGS, FIXTURES, REPO
-
 tokenizers = pytest.importorskip("tokenizers")
-
-
-def _load_script(name: str):
-    path = REPO / "scripts" / "gpu" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"gpu_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mm = _load_script("make_models")
+mm = load_gpu_script("make_models")
 
 # (preset, the real config it scales down)
 PRESETS = [
@@ -43,7 +29,8 @@ PRESETS = [
 ]
 
 
-def _small(key: str):
+def small_shape(key: str):
+    """The preset at the smallest width with the real 4:1 ratio and a small vocab (a few MB written)."""
     # hidden 512 = 4 query heads of 128 sharing 1 KV head: the smallest width with the real 4:1 ratio.
     return replace(mm.SHAPES[key], layers=2, hidden=512, vocab=len(mm.SHAPES[key].trailing_specials) + 700)
 
@@ -65,7 +52,7 @@ def test_presets_keep_the_real_vocab_and_head_layout(key: str, real: Path) -> No
 
 @pytest.fixture(scope="module", params=[k for k, _ in PRESETS])
 def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    s = _small(request.param)
+    s = small_shape(request.param)
     # A small shard limit forces several shards and an index, as real checkpoints have.
     folder = mm.write_model(s, tmp_path_factory.mktemp(request.param) / s.name, shard_bytes=1024**2)
     return s, folder

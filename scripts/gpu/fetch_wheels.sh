@@ -17,17 +17,19 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 # Start clean so a stale second version of a name cannot slip into the carried folder.
 rm -f "$dest"/*.whl
 
-while read -r spec extra; do
+while read -r spec rest; do
+    read -ra extra <<<"$rest"  # optional extra pip flags after the spec (e.g. another --platform)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        "${platforms[@]}" $extra -d "$dest" "$spec"
+        "${platforms[@]}" "${extra[@]}" -d "$dest" "$spec"
 done < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$list")
 
 # One wheel per distribution name (normalised as wheel file names are: lower case, '-' -> '_').
-dupes=$(ls "$dest"/*.whl | xargs -n1 basename | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort | uniq -d)
+wheels=("$dest"/*.whl)
+dupes=$(for w in "${wheels[@]}"; do basename "$w"; done | cut -d- -f1 | tr 'A-Z-' 'a-z_' | sort | uniq -d)
 if [[ -n "$dupes" ]]; then
     echo "two versions of: $dupes (the device's pip install --no-deps would fail)" >&2
     exit 1
 fi
-count=$(ls "$dest"/*.whl | wc -l)
-bytes=$(du -cb "$dest"/*.whl | tail -1 | cut -f1)
+count=${#wheels[@]}
+bytes=$(du -cb "${wheels[@]}" | tail -1 | cut -f1)
 echo "fetched $count wheels into .whl/: $bytes bytes ($(( bytes / 1024 / 1024 )) MiB; the device carries 64 MiB in all)"
