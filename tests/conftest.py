@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -35,3 +38,15 @@ def model_folder(tmp_path: Path, config: dict | str | Path, name: str = "model")
             src = CONFIGS / src
         shutil.copy(src, folder / "config.json")
     return folder
+
+
+def load_gpu_script(name: str) -> ModuleType:
+    """A module of scripts/gpu/ (plain scripts, not a package), imported once per test session."""
+    key = f"gpu_script_{name}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, REPO / "scripts" / "gpu" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(mod)
+    return mod
