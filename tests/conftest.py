@@ -35,3 +35,25 @@ def model_folder(tmp_path: Path, config: dict | str | Path, name: str = "model")
             src = CONFIGS / src
         shutil.copy(src, folder / "config.json")
     return folder
+
+
+DOUBLE = Path(__file__).resolve().parent / "double" / "convert_exl2.py"
+
+
+@pytest.fixture
+def converter_double(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point quantkit's converter seam at the test double (the product code has no mock)."""
+    import sys
+
+    monkeypatch.setenv("QUANTKIT_CONVERTER", f"{sys.executable} {DOUBLE}")
+    monkeypatch.setenv("QUANTKIT_CONVERTER_VERSION", "0.3.2+double")
+    for var in ("QK_DOUBLE_FAIL_AT", "QK_DOUBLE_FAIL_MODE", "QK_DOUBLE_DELAY"):
+        monkeypatch.delenv(var, raising=False)
+    return DOUBLE
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
