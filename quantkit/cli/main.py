@@ -47,9 +47,14 @@ def cli() -> None:
 
 def _mount() -> None:
     from quantkit.cli import archs, vram
+    from quantkit.cli import calibration, measure, run
 
     cli.add_command(vram.vram)
     cli.add_command(archs.archs)
+    cli.add_command(calibration.calibration)
+    cli.add_command(measure.measure)
+    cli.add_command(measure.convert)
+    cli.add_command(run.run)
 
 
 _mount()
