@@ -132,9 +132,10 @@ class AdapterTargetInvalid(QuantkitError):
 
 
 class NoWeights(QuantkitError):
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"no *.safetensors or pytorch_model*.bin in {path}")
+    def __init__(self, path: Path, looked_for: str = "*.safetensors and pytorch_model*.bin") -> None:
+        super().__init__(f"no weights ({looked_for}) in {path}")
         self.path = path
+        self.looked_for = looked_for
 
 
 class MissingExtra(QuantkitError):
@@ -239,4 +240,167 @@ class LocalTargetDirty(QuantkitError):
 class CardInvalid(QuantkitError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"model card: {reason}")
+        self.reason = reason
+
+
+# ---- issue 4: calibration sets, measurement, conversion, resumable runs ------------------------------
+
+
+class ConverterMissing(QuantkitError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"exllamav2's converter cannot start: {detail}")
+        self.detail = detail
+
+
+class NoCudaDevice(QuantkitError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"no CUDA device: {detail}")
+        self.detail = detail
+
+
+class ConverterFailed(QuantkitError):
+    """The converter ended without a finished job and its files. The work folder is kept for resume."""
+
+    def __init__(self, task: str, stage: str, reason: str, exit_code: int | None, last_error: str, log: Path) -> None:
+        super().__init__(f"{task} stopped at {stage}: {reason}")
+        self.task = task
+        self.stage = stage
+        self.reason = reason
+        self.exit_code = exit_code
+        self.last_error = last_error
+        self.log = log
+
+
+class ConverterCancelled(QuantkitError):
+    def __init__(self, task: str, stage: str, log: Path) -> None:
+        super().__init__(f"{task} cancelled at {stage}")
+        self.task = task
+        self.stage = stage
+        self.log = log
+
+
+class JobMismatch(QuantkitError):
+    """A converter work folder holds a job with other settings: exllamav2 would silently resume *its*."""
+
+    def __init__(self, folder: Path, field: str, found: object, wanted: object) -> None:
+        super().__init__(f"{folder}: job has {field}={found!r}, wanted {wanted!r}")
+        self.folder = folder
+        self.field = field
+        self.found = found
+        self.wanted = wanted
+
+
+class WorkFolderMismatch(QuantkitError):
+    def __init__(self, work: Path, recorded: str, model: str) -> None:
+        super().__init__(f"{work} holds work for {recorded}, not {model}")
+        self.work = work
+        self.recorded = recorded
+        self.model = model
+
+
+class MeasurementMissing(QuantkitError):
+    def __init__(self, work: Path) -> None:
+        super().__init__(f"no measurement in {work}")
+        self.work = work
+
+
+class MeasurementCorrupt(QuantkitError):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class MeasurementMismatch(QuantkitError):
+    def __init__(self, path: Path, field: str, recorded: object, current: object) -> None:
+        super().__init__(f"{path}: {field} {recorded!r} != {current!r}")
+        self.path = path
+        self.field = field
+        self.recorded = recorded
+        self.current = current
+
+
+class UnreachableBits(QuantkitError):
+    def __init__(self, bits: float, low: float, high: float) -> None:
+        super().__init__(f"{bits} bpw outside {low:.3f}..{high:.3f}")
+        self.bits = bits
+        self.low = low
+        self.high = high
+
+
+class CalibrationError(QuantkitError):
+    """Base of the calibration-set refusals."""
+
+
+class CalibrationSourceMissing(CalibrationError):
+    def __init__(self, source: str) -> None:
+        super().__init__(f"{source}: not found")
+        self.source = source
+
+
+class CalibrationUnreadable(CalibrationError):
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class NoTextColumn(CalibrationError):
+    def __init__(self, source: str, wanted: str, columns: list[str]) -> None:
+        super().__init__(f"{source}: no column {wanted!r} among {columns}")
+        self.source = source
+        self.wanted = wanted
+        self.columns = columns
+
+
+class NotEnoughText(CalibrationError):
+    def __init__(self, source: str, tokens: int, rows: int, length: int) -> None:
+        super().__init__(f"{source}: {tokens} tokens < {rows} x {length}")
+        self.source = source
+        self.tokens = tokens
+        self.rows = rows
+        self.length = length
+
+
+class InvalidCount(QuantkitError):
+    def __init__(self, name: str, value: object) -> None:
+        super().__init__(f"{name} {value!r}")
+        self.name = name
+        self.value = value
+
+
+class UnknownCalibration(CalibrationError):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(f"calibration {name!r}")
+        self.name = name
+        self.known = known
+
+
+class TokenizerMissing(QuantkitError):
+    def __init__(self, folder: Path, what: str) -> None:
+        super().__init__(f"{folder}: no {what}")
+        self.folder = folder
+        self.what = what
+
+
+class DiskTooSmall(QuantkitError):
+    def __init__(self, path: Path, needed: int, free: int) -> None:
+        super().__init__(f"{path}: needs {needed} bytes, {free} free")
+        self.path = path
+        self.needed = needed
+        self.free = free
+
+
+class SettingsLocked(QuantkitError):
+    def __init__(self, field: str, recorded: object, new: object) -> None:
+        super().__init__(f"{field}: {recorded!r} -> {new!r}")
+        self.field = field
+        self.recorded = recorded
+        self.new = new
+
+
+class RecipeUnreadable(QuantkitError):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
         self.reason = reason

@@ -50,3 +50,23 @@ def load_gpu_script(name: str) -> ModuleType:
     sys.modules[key] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
+DOUBLE = Path(__file__).resolve().parent / "double" / "convert_exl2.py"
+
+
+@pytest.fixture
+def converter_double(monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point quantkit's converter seam at the test double (the product code has no mock)."""
+    import sys
+
+    monkeypatch.setenv("QUANTKIT_CONVERTER", f"{sys.executable} {DOUBLE}")
+    monkeypatch.setenv("QUANTKIT_CONVERTER_VERSION", "0.3.2+double")
+    for var in ("QK_DOUBLE_FAIL_AT", "QK_DOUBLE_FAIL_MODE", "QK_DOUBLE_DELAY"):
+        monkeypatch.delenv(var, raising=False)
+    return DOUBLE
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")

@@ -39,7 +39,7 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.AdapterRefused: lambda x: f"{x.arch}: quantkit's adapter cannot map {x.feature} ({x.detail}); exllamav2 has no exact equivalent, so this model cannot be quantized with it. `quantkit archs` lists what maps",
     e.AdapterCheckpointMismatch: lambda x: f"{x.arch} checkpoint does not match its config.json: {x.reason}; re-download the model or fix config.json",
     e.AdapterTargetInvalid: lambda x: f"{x.dst}: {x.reason}; pick a new, empty folder outside the model folder {x.src}",
-    e.NoWeights: lambda x: f"no weights in {x.path} (looked for *.safetensors and pytorch_model*.bin): download the model's weight files into that folder",
+    e.NoWeights: lambda x: f"no weights in {x.path} (looked for {x.looked_for}): download the model's weight files into that folder",
     e.MissingExtra: lambda x: f"{x.package} is needed to {x.purpose}: pip install {x.package}",
     # issue 5: the model card and publishing
     e.UnknownPromptFormat: lambda x: f"prompt format {x.value!r} is neither a known name nor a format containing {{prompt}}: use one of {', '.join(x.known)}, or e.g. --prompt-format '### User:\\n{{prompt}}\\n### Assistant:\\n'",
@@ -55,6 +55,27 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.GitFailed: lambda x: f"git {' '.join(x.args_[:3])} failed: {x.reason}; check the local target repository",
     e.LocalTargetDirty: lambda x: f"{x.path} has uncommitted changes ({', '.join(x.files[:5])}): commit or stash them, or pick another --to folder",
     e.CardInvalid: lambda x: f"the model card does not validate: {x.reason}; fix the source's metadata (license, base_model) or report it",
+    # ---- issue 4: calibration, measurement, conversion, runs
+    e.ConverterMissing: lambda x: f"{x.detail}: install the converter with `pip install 'quantkit-exl2[exl2]'` on a machine with an NVIDIA GPU (or set QUANTKIT_CONVERTER)",
+    e.NoCudaDevice: lambda x: f"no CUDA device ({x.detail}): exllamav2's converter runs only on an NVIDIA GPU; run this on a GPU machine",
+    e.ConverterFailed: lambda x: f"{x.task} failed at {x.stage}: {x.reason}" + (f" ({x.last_error})" if x.last_error else "") + f", exit status {x.exit_code}; the work is kept: fix the cause (log: {x.log}) and rerun the same command to resume",
+    e.ConverterCancelled: lambda x: f"{x.task} cancelled at {x.stage}; the work is kept (log: {x.log}): rerun the same command to resume",
+    e.JobMismatch: lambda x: f"{x.folder} holds a converter job with {x.field}={x.found!r}, not {x.wanted!r}: use another --work folder, or pass --force-settings to start that step over",
+    e.WorkFolderMismatch: lambda x: f"{x.work} holds work for {x.recorded}, not {x.model}: use another --work folder for this model",
+    e.MeasurementMissing: lambda x: f"no finished measurement in {x.work}: run `quantkit measure MODEL --work {x.work}` first",
+    e.MeasurementCorrupt: lambda x: f"{x.path}: {x.reason}; run `quantkit measure` again",
+    e.MeasurementMismatch: lambda x: f"{x.path} does not match: its {x.field} is {x.recorded}, here {x.current}; measure this model with `quantkit measure MODEL --work DIR` (another --work folder keeps the old one)",
+    e.UnreachableBits: lambda x: f"{x.bits:g} bpw cannot be reached with this measurement: it reaches {x.low:.3f} to {x.high:.3f} bpw on this model; pick --bits inside that range",
+    e.CalibrationSourceMissing: lambda x: f"calibration source {x.source} not found: pass an existing Parquet/JSONL/CSV/text file, a dataset folder, or a Hub dataset id (online)",
+    e.CalibrationUnreadable: lambda x: f"calibration source {x.source}: {x.reason}; pass Parquet, JSONL, CSV or plain text (or --format to say which)",
+    e.NoTextColumn: lambda x: f"calibration source {x.source} has no column {x.wanted!r} (columns: {', '.join(x.columns) or 'none'}): pass --text-column NAME or --messages-column NAME",
+    e.NotEnoughText: lambda x: f"calibration source {x.source} holds {x.tokens} tokens, fewer than rows x length = {x.rows} x {x.length} = {x.rows * x.length}: add text, or lower --rows/--length",
+    e.InvalidCount: lambda x: f"{x.name} must be a positive whole number, got {x.value!r}",
+    e.UnknownCalibration: lambda x: f"no calibration recipe or file named {x.name!r}: use one of {', '.join(x.known)} or a file path (`quantkit calibration show NAME`)",
+    e.TokenizerMissing: lambda x: f"{x.folder} has no {x.what}: exllamav2 0.3.2 needs the model's tokenizer.json; add it to the model folder",
+    e.DiskTooSmall: lambda x: f"{x.path} has {x.free / 1024**3:.1f} GiB free but the plan needs {x.needed / 1024**3:.1f} GiB: free space or pick another --work folder",
+    e.SettingsLocked: lambda x: f"{x.field} changed from {x.recorded!r} to {x.new!r}, which would invalidate finished work: restore it, or pass --force-settings to redo the affected steps",
+    e.RecipeUnreadable: lambda x: f"recipe {x.path}: {x.reason}; see `quantkit run --help` for the format",
 }
 
 

@@ -46,13 +46,16 @@ def cli() -> None:
 
 
 def _mount() -> None:
-    from quantkit.cli import archs, vram
-    from quantkit.cli import card, publish
+    from quantkit.cli import archs, calibration, card, measure, publish, run, vram
 
     cli.add_command(vram.vram)
     cli.add_command(archs.archs)
     cli.add_command(card.card)
     cli.add_command(publish.publish)
+    cli.add_command(calibration.calibration)
+    cli.add_command(measure.measure)
+    cli.add_command(measure.convert)
+    cli.add_command(run.run)
 
 
 _mount()

@@ -1,0 +1,79 @@
+"""`quantkit run RECIPE.toml`: the whole pipeline from one file, resumable; `--dry-run` shows the plan."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from quantkit.cli.output import Output
+from quantkit.cli.progress import StepProgress
+from quantkit.pipeline import Pipeline
+from quantkit.run import dry_run as plan_dry_run
+from quantkit.run import load_run_recipe, run_all
+from quantkit.units import format_gib
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False), help="The work folder (default: the recipe's `work`).")
+@click.option("--dry-run", is_flag=True, help="Print the steps, their disk/RAM/VRAM and the reachable bitrates; run nothing.")
+@click.option("--force-settings", is_flag=True, help="Allow settings that invalidate finished work; redoes those steps.")
+def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) -> None:
+    """Run RECIPE: calibration -> measure -> convert each branch -> publish each (publishing: issue 5).
+
+    State lives in WORK/state.json (atomic writes). After a crash anywhere, including mid-conversion,
+    the same command resumes where it stopped. Settings that would invalidate finished work are locked
+    unless --force-settings.
+
+    \b
+    Recipe (TOML):
+      model = "./Llama-3-8B"          # folder or Hub id
+      work = "work/llama3"
+      calibration = "default"         # recipe name or file; calibration_source = "..." for toxic-qna
+      rows = 100                      # quant pass; measurement_rows = 16; length = 2048
+      branches = "default"            # or a branch-set file, or [[branches]] tables
+    \b
+    Examples:
+      quantkit run llama3.toml --dry-run
+      quantkit run llama3.toml
+      quantkit run llama3.toml --work /scratch/llama3 --force-settings
+    """
+    out = Output()
+    r = load_run_recipe(recipe)
+    folder = work or r.work
+    if folder is None:
+        raise click.BadParameter("the recipe names no `work` folder: pass --work DIR", param_hint="--work")
+    if dry_run:
+        p = Pipeline(r.settings, folder)
+        out.rich(dry_run_plan(p))
+        return
+    start = time.monotonic()
+    with StepProgress(out) as view:
+        p = Pipeline(r.settings, folder, listener=view)
+        p.lock(force=force_settings)
+        results = run_all(p)
+    total = time.monotonic() - start
+    for res in results:
+        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder} (not published: issue 5)")
+    own = total - p.converter_seconds
+    out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
+
+
+def dry_run_plan(p: Pipeline) -> Table:
+    d = plan_dry_run(p)
+    t = Table(title=f"Plan for {p.model.name} in {p.work.root}")
+    for col in ("Step", "State", "Disk", "System RAM", "VRAM (convert)", "VRAM (load, 4k fp16)"):
+        t.add_column(col)
+    for s in d.steps:
+        n = s.needs
+        t.add_row(s.step, s.status, format_gib(n.disk_bytes) if n else "-", format_gib(n.ram_bytes) if n else "-",
+                  format_gib(n.vram_bytes) if n else "-", format_gib(s.inference_vram_bytes) if s.inference_vram_bytes else "-")
+    if d.reachable:
+        t.caption = f"{d.note}: {d.reachable[0]:.3f} to {d.reachable[1]:.3f} bpw" + (f"; UNREACHABLE: {', '.join(d.unreachable)}" if d.unreachable else "")
+    else:
+        t.caption = d.note
+    return t
+

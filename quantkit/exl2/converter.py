@@ -1,0 +1,272 @@
+"""The one seam to exllamav2's converter: argv, subprocess, status lines, the job-file verdict.
+
+`Converter` runs `python -m exllamav2.conversion.convert_exl2` (or what `QUANTKIT_CONVERTER` names, e.g.
+the test double) for a `MeasureJob` (`-om`) or a `ConvertJob` (`-m ... -cf`). Rules from exllamav2
+0.3.2's behaviour (see shared/reference/exllamav2-0.3.2-facts.md):
+
+- never `-nr`: it deletes `-o`, and a kept `-o` with its job_new.json is how exllamav2 resumes;
+- PYTHONUNBUFFERED=1, because `os._exit(1)` on numeric errors drops buffered stdout;
+- stdin is /dev/null and the child has its own session, because measure.py's SIGINT handler calls
+  `input()`; quantkit stops it with SIGTERM instead;
+- success is `job_new.json` progress "finished" plus the expected files, never the exit code (bare
+  `sys.exit()` exits 0 on most argument errors).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from quantkit.errors import ConverterCancelled, ConverterFailed, ConverterMissing, JobMismatch, NoCudaDevice
+from quantkit.exl2 import job as jobfile
+from quantkit.exl2.status import LogLine, classify
+
+#: Names the converter command (shell words); tests point it at tests/double/convert_exl2.py.
+CONVERTER_ENV = "QUANTKIT_CONVERTER"
+#: The version to record in provenance when CONVERTER_ENV replaces the installed exllamav2.
+CONVERTER_VERSION_ENV = "QUANTKIT_CONVERTER_VERSION"
+DEFAULT_MODULE = "exllamav2.conversion.convert_exl2"
+LOG_NAME = "quantkit-converter.log"
+#: Seconds between SIGTERM and SIGKILL when cancelling.
+TERM_GRACE_S = 10.0
+
+
+class MeasureJob(BaseModel):
+    """One measurement pass: `-om` writes the measurement outside `-o`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: Path
+    work_dir: Path  # -o
+    measurement: Path  # -om
+    calibration: Path  # -c (parquet)
+    rows: int  # -mr
+    length: int  # -ml
+
+    @property
+    def task(self) -> str:
+        return "measurement"
+
+
+class ConvertJob(BaseModel):
+    """One bitrate: `-m` reuses the measurement and `-cf` compiles the full model into `output_dir`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_dir: Path
+    work_dir: Path  # -o, one per branch
+    measurement: Path  # -m
+    output_dir: Path  # -cf
+    bits: float  # -b
+    head_bits: int  # -hb
+    calibration: Path  # -c
+    rows: int  # -r
+    length: int  # -l
+    shard_size_mb: int | None = None  # -ss
+
+    @property
+    def task(self) -> str:
+        return f"conversion to {self.bits:g} bpw"
+
+
+Job = MeasureJob | ConvertJob
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    completion: float
+
+
+class ConverterResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    exit_code: int | None
+    log: Path
+    seconds: float
+    skipped: bool  # the job was already finished; nothing ran
+
+
+def converter_command() -> list[str]:
+    custom = os.environ.get(CONVERTER_ENV, "").strip()
+    if custom:
+        return shlex.split(custom)
+    return [sys.executable, "-m", DEFAULT_MODULE]
+
+
+def converter_version() -> str:
+    """The converter's version for provenance: the installed exllamav2's, or what the override declares."""
+    if os.environ.get(CONVERTER_ENV, "").strip():
+        return os.environ.get(CONVERTER_VERSION_ENV, "unknown")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("exllamav2")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def preflight() -> None:
+    """Refuse early when the real converter cannot run here: no exllamav2, or no CUDA device.
+
+    Raises:
+        ConverterMissing, NoCudaDevice. Nothing is checked when `QUANTKIT_CONVERTER` overrides it.
+    """
+    if os.environ.get(CONVERTER_ENV, "").strip():
+        return
+    if importlib.util.find_spec("exllamav2") is None or importlib.util.find_spec("torch") is None:
+        raise ConverterMissing("exllamav2 is not installed")
+    import torch  # heavy: only here, right before GPU work
+
+    if not torch.cuda.is_available():
+        raise NoCudaDevice(f"torch {torch.__version__} sees no CUDA device")
+
+
+def build_argv(job: Job) -> list[str]:
+    """exllamav2 0.3.2's argv for `job`, after the converter command. Never `-nr`."""
+    argv = ["-i", str(job.model_dir), "-o", str(job.work_dir)]
+    if isinstance(job, MeasureJob):
+        argv += ["-om", str(job.measurement), "-c", str(job.calibration), "-mr", str(job.rows), "-ml", str(job.length)]
+    else:
+        argv += ["-m", str(job.measurement), "-b", str(float(job.bits)), "-hb", str(job.head_bits), "-cf", str(job.output_dir),
+                 "-c", str(job.calibration), "-r", str(job.rows), "-l", str(job.length)]
+        if job.shard_size_mb is not None:
+            argv += ["-ss", str(job.shard_size_mb)]
+    return argv + ["-so"]
+
+
+def _wanted(job: Job) -> dict[str, object]:
+    """job_new.json keys that exllamav2 takes from an existing job over the command line on resume."""
+    want: dict[str, object] = {"in_dir": str(job.model_dir), "cal_dataset": str(job.calibration)}
+    if isinstance(job, MeasureJob):
+        want |= {"measurement_rows": job.rows, "measurement_length": job.length, "output_measurement": str(job.measurement)}
+    else:
+        want |= {"bits": job.bits, "head_bits": job.head_bits, "dataset_rows": job.rows, "length": job.length,
+                 "compile_full": str(job.output_dir)}
+    return want
+
+
+def check_resumable(job: Job) -> None:
+    """A kept job must be *this* job: on resume exllamav2 silently overrides the command line with
+    the settings saved in job_new.json ("Overriding options with settings from existing job").
+
+    Raises:
+        JobMismatch.
+    """
+    saved = jobfile.read_job(job.work_dir)
+    if saved is None:
+        return
+    for key, value in _wanted(job).items():
+        if key in saved and saved[key] != value:
+            raise JobMismatch(job.work_dir, key, saved[key], value)
+
+
+def missing_outputs(job: Job) -> str | None:
+    if isinstance(job, MeasureJob):
+        return jobfile.missing_measurement(job.measurement)
+    return jobfile.missing_compiled(job.output_dir)
+
+
+def is_finished(job: Job) -> bool:
+    return jobfile.job_progress(job.work_dir) == "finished" and missing_outputs(job) is None
+
+
+class Converter:
+    """Runs one job at a time. `on_line` sees every classified console line (status events included)."""
+
+    def __init__(self, command: list[str] | None = None) -> None:
+        self.command = command or converter_command()
+        self._proc: subprocess.Popen[str] | None = None
+        self._cancelled = threading.Event()
+
+    def argv(self, job: Job) -> list[str]:
+        return [*self.command, *build_argv(job)]
+
+    def cancel(self) -> None:
+        """SIGTERM the running converter (SIGKILL after a grace period); safe from another thread."""
+        self._cancelled.set()
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+
+        def _kill_later() -> None:
+            try:
+                proc.wait(TERM_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+        threading.Thread(target=_kill_later, daemon=True).start()
+
+    def run(self, job: Job, on_line: Callable[[LogLine], None] | None = None) -> ConverterResult:
+        """Run `job` to the end, or resume it; return only when it finished with its files.
+
+        Raises:
+            JobMismatch: the work folder holds a job with other settings.
+            ConverterCancelled: `cancel()` was called (or Ctrl-C); the work folder is kept.
+            ConverterFailed: the converter ended without a finished job and its files.
+        """
+        job.work_dir.mkdir(parents=True, exist_ok=True)
+        log = job.work_dir / LOG_NAME
+        if is_finished(job):
+            # Re-running a finished job makes exllamav2 print "Job is already finished" and exit 0.
+            return ConverterResult(exit_code=None, log=log, seconds=0.0, skipped=True)
+        check_resumable(job)
+        argv = self.argv(job)
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        start = time.monotonic()
+        stage = jobfile.job_progress(job.work_dir) or "begin"
+        last_error = ""
+        self._cancelled.clear()
+        with log.open("a", encoding="utf-8") as fh:
+            fh.write(f"\n=== {datetime.now(timezone.utc).isoformat(timespec='seconds')} {shlex.join(argv)}\n")
+            fh.flush()
+            try:
+                self._proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    env=env, text=True, errors="replace", bufsize=1, start_new_session=True,
+                )
+            except OSError as exc:
+                raise ConverterMissing(f"{shlex.join(self.command)}: {exc.strerror or exc}") from exc
+            try:
+                assert self._proc.stdout is not None
+                for raw in self._proc.stdout:
+                    fh.write(raw)
+                    line = classify(raw)
+                    if line.kind == "error":
+                        last_error = line.text
+                    if line.status is not None:
+                        stage = line.status.stage
+                    if on_line is not None:
+                        on_line(line)
+                code = self._proc.wait()
+            except KeyboardInterrupt:
+                self.cancel()
+                self._proc.wait()
+                raise ConverterCancelled(job.task, stage, log) from None
+            finally:
+                fh.write(f"=== exit {self._proc.returncode}\n")
+                self._proc = None
+        seconds = time.monotonic() - start
+        if self._cancelled.is_set():
+            raise ConverterCancelled(job.task, stage, log)
+        progress = jobfile.job_progress(job.work_dir)
+        if progress != "finished":
+            reason = "the converter wrote no job file" if progress is None else f"its job stopped at progress {progress!r}"
+            raise ConverterFailed(job.task, stage, reason, code, last_error, log)
+        missing = missing_outputs(job)
+        if missing is not None:
+            raise ConverterFailed(job.task, stage, f"the job says finished but {missing}", code, last_error, log)
+        return ConverterResult(exit_code=code, log=log, seconds=seconds, skipped=False)

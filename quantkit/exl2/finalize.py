@@ -1,0 +1,86 @@
+"""Make exllamav2's `-cf` folder publishable, in place and idempotently (a rerun after a kill redoes it).
+
+compile.py copies every non-tensor file of the source: its README.md (the source's card, which would
+then describe the wrong model) and its model.safetensors.index.json (which names the source's shards,
+not `output*.safetensors`). Both go; a correct index is written from the shards' own headers, and
+quantkit.json records how this branch was made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub.hf_api import parse_local_safetensors_file_metadata
+from pydantic import BaseModel, ConfigDict
+
+from quantkit.exl2.job import output_shards
+from quantkit.files import read_json, write_json_atomic
+
+#: Source leftovers compile.py copies that must not be published with the quant.
+STALE = ("README.md", ".gitattributes")
+STALE_SUFFIXES = (".safetensors.index.json", ".pth", ".gguf", ".bin.index.json")
+INDEX_NAME = "model.safetensors.index.json"
+PROVENANCE_NAME = "quantkit.json"
+_Q_SUFFIXES = (".q_weight", ".q_invperm", ".q_scale", ".q_scale_max", ".q_groups", ".q_perm")
+
+
+class Achieved(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    decoder_bpw: float  # bits of the decoder's EXL2 tensors / decoder weights (optimize.py's measure)
+    head_bpw: float
+    bytes: int
+
+
+def remove_stale(folder: Path) -> list[str]:
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and (p.name in STALE or p.name.endswith(STALE_SUFFIXES)):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def write_index(folder: Path) -> dict[str, Any]:
+    """A transformers-style index over the shards, from their safetensors headers."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in output_shards(folder):
+        meta = parse_local_safetensors_file_metadata(shard)
+        for name, t in meta.tensors.items():
+            weight_map[name] = shard.name
+            total += t.data_offsets[1] - t.data_offsets[0]
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    write_json_atomic(folder / INDEX_NAME, index)
+    return index
+
+
+def achieved_bits(folder: Path, *, decoder_weights: int, head_weights: int) -> Achieved:
+    decoder = head = total = 0
+    for shard in output_shards(folder):
+        for name, t in parse_local_safetensors_file_metadata(shard).tensors.items():
+            n = t.data_offsets[1] - t.data_offsets[0]
+            total += n
+            if not name.endswith(_Q_SUFFIXES):
+                continue
+            if ".layers." in name:
+                decoder += n
+            elif name.split(".")[-2] == "lm_head":
+                head += n
+    return Achieved(decoder_bpw=decoder * 8 / decoder_weights, head_bpw=head * 8 / head_weights if head_weights else 0.0, bytes=total)
+
+
+def finalize(folder: Path, provenance: dict[str, Any]) -> dict[str, Any]:
+    """Clean `folder`, write its index and quantkit.json; returns the provenance written."""
+    removed = remove_stale(folder)
+    write_index(folder)
+    config = read_json(folder / "config.json")
+    if "quantization_config" not in config:  # missing_compiled() already refused this; keep the guard local
+        raise ValueError(f"{folder}/config.json has no quantization_config")
+    earlier: list[str] = []
+    if (folder / PROVENANCE_NAME).is_file():  # a rerun after a kill: keep what the first pass removed
+        earlier = read_json(folder / PROVENANCE_NAME).get("removed_from_source_copy", [])
+    data = provenance | {"removed_from_source_copy": sorted(set(removed) | set(earlier))}
+    write_json_atomic(folder / PROVENANCE_NAME, data)
+    return data

@@ -1,0 +1,361 @@
+"""The work folder and its steps: calibration -> measurement -> one conversion per bitrate -> publish.
+
+Layout (shared with issue 5):
+  WORK/recipe.json                   the frozen settings (`Settings`) plus the model fingerprint
+  WORK/state.json                    one record per step: pending | running | done | failed
+  WORK/calibration/                  calibration.parquet + manifest.json
+  WORK/measure/                      exllamav2's -o for the measurement (job_new.json kept for resume)
+  WORK/measurement.json              -om: outside any -o
+  WORK/measurement.provenance.json   where it came from
+  WORK/jobs/<branch>/                exllamav2's -o per bitrate (kept: a rerun resumes mid-conversion)
+  WORK/out/<branch>/                 -cf, cleaned for publishing
+
+Every step is idempotent: a rerun after a kill anywhere finds the finished parts done (state.json,
+job_new.json) and goes on. Settings that would invalidate finished work are locked (`lock`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from quantkit import __version__, calibration
+from quantkit.branches import Branch
+from quantkit.errors import (
+    ConfigUnreadable,
+    DiskTooSmall,
+    MeasurementMissing,
+    NotEnoughText,
+    NoWeights,
+    SettingsLocked,
+    WorkFolderMismatch,
+)
+from quantkit.exl2 import converter as conv
+from quantkit.exl2 import finalize as fin
+from quantkit.exl2 import measurement as meas
+from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
+from quantkit.exl2.status import LogLine
+from quantkit.files import read_json, write_json_atomic
+from quantkit.model import Model, load_model
+
+Status = Literal["pending", "running", "done", "failed"]
+#: Called with (step name, console line) for every converter line, and with (step, None) on step start.
+Listener = Callable[[str, LogLine | None], None]
+
+
+class Settings(BaseModel):
+    """The run spec frozen into WORK/recipe.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str
+    calibration: str = "default"
+    calibration_source: str | None = None
+    rows: int = 100  # quantization pass (-r)
+    measurement_rows: int = 16  # measurement pass (-mr)
+    length: int = 2048  # tokens per row, both passes (-l, -ml)
+    branches: list[Branch] = Field(default_factory=list)
+
+    @field_validator("rows", "measurement_rows", "length")
+    @classmethod
+    def _positive(cls, v: int, info: Any) -> int:
+        return calibration.check_count(info.field_name, v)
+
+
+class StepState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    status: Status = "pending"
+    updated: str = ""
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class Work:
+    """Paths of one work folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.recipe = root / "recipe.json"
+        self.state = root / "state.json"
+        self.calibration = root / "calibration"
+        self.measure = root / "measure"
+        self.measurement = root / "measurement.json"
+        self.provenance = meas.provenance_path(self.measurement)
+
+    def job(self, branch: str) -> Path:
+        return self.root / "jobs" / branch
+
+    def out(self, branch: str) -> Path:
+        return self.root / "out" / branch
+
+
+class State:
+    """WORK/state.json, rewritten atomically on every change."""
+
+    def __init__(self, work: Work) -> None:
+        self.work = work
+        self.steps: dict[str, StepState] = {}
+        if work.state.is_file():
+            try:
+                raw = read_json(work.state)
+                self.steps = {k: StepState(**v) for k, v in raw.get("steps", {}).items()}
+            except (OSError, ValueError, TypeError) as exc:
+                raise ConfigUnreadable(work.state, f"not a quantkit state file ({exc.__class__.__name__})") from exc
+
+    def get(self, step: str) -> StepState:
+        return self.steps.get(step, StepState())
+
+    def done(self, step: str) -> bool:
+        return self.get(step).status == "done"
+
+    def mark(self, step: str, status: Status, **info: Any) -> None:
+        self.steps[step] = StepState(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                     info=self.get(step).info | info)
+        write_json_atomic(self.work.state, {"version": 1, "quantkit_version": __version__,
+                                            "steps": {k: v.model_dump() for k, v in self.steps.items()}})
+
+    def reset(self, step: str) -> None:
+        if step in self.steps:
+            self.steps[step] = StepState()
+            self.mark(step, "pending")
+
+
+def convert_step(branch: str) -> str:
+    return f"convert:{branch}"
+
+
+def publish_step(branch: str) -> str:
+    return f"publish:{branch}"
+
+
+class BranchResult(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    branch: str
+    folder: Path
+    provenance: dict[str, Any]
+    converter_seconds: float
+    skipped: bool
+
+
+class Pipeline:
+    """One model in one work folder. `converter` is the seam (tests pass one pointed at the double)."""
+
+    def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
+                 listener: Listener | None = None, model: Model | None = None) -> None:
+        self.settings = settings
+        self.work = Work(work)
+        self.converter = converter or conv.Converter()
+        self.listener = listener
+        self.model = model or load_model(settings.model)
+        if self.model.path is None:
+            self.model = self._download(self.model)
+        assert self.model.path is not None
+        self.model_dir: Path = self.model.path
+        if not any(self.model_dir.glob("*.safetensors")):
+            raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
+        self.fingerprint = meas.model_fingerprint(self.model)
+        self.state = State(self.work)
+        #: Seconds spent inside the converter subprocess, for the overhead figure.
+        self.converter_seconds = 0.0
+
+    @staticmethod
+    def _download(model: Model) -> Model:
+        """exllamav2 converts a local folder: fetch a Hub model's weights and tokenizer through the seam."""
+        from quantkit import hub
+
+        path = hub.get_hf_api().snapshot_download(model.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        return load_model(path)
+
+    # ---- settings ------------------------------------------------------------------------------------
+
+    def lock(self, *, force: bool = False) -> None:
+        """Record the settings, refusing changes that would invalidate finished work unless `force`, in
+        which case the invalidated steps are reset (their converter folders removed: that is the point).
+
+        Raises:
+            WorkFolderMismatch, SettingsLocked.
+        """
+        self.work.root.mkdir(parents=True, exist_ok=True)
+        new = self.settings
+        if self.work.recipe.is_file():
+            recorded = read_json(self.work.recipe)
+            if recorded.get("model_fingerprint") != self.fingerprint:
+                raise WorkFolderMismatch(self.work.root, recorded.get("settings", {}).get("model", "another model"), new.model)
+            old = Settings(**recorded["settings"])
+            resets: list[str] = []
+            for field in ("calibration", "calibration_source", "measurement_rows", "length"):
+                if getattr(old, field) != getattr(new, field) and self.state.get("calibration").status != "pending":
+                    self._locked(field, getattr(old, field), getattr(new, field), force, resets, ["calibration", "measure"] + self._done_branches())
+            if old.rows != new.rows and self._done_branches():
+                self._locked("rows", old.rows, new.rows, force, resets, self._done_branches())
+            known = {b.name: b for b in old.branches}
+            for b in new.branches:
+                o = known.get(b.name)
+                if o is not None and (o.bits, o.head_bits) != (b.bits, b.head_bits) and self.state.done(convert_step(b.name)):
+                    self._locked(f"branch {b.name}", f"{o.bits:g}/{o.head_bits}", f"{b.bits:g}/{b.head_bits}", force, resets, [convert_step(b.name)])
+            for step in dict.fromkeys(resets):
+                self._reset(step)
+            merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
+            new = new.model_copy(update={"branches": list(merged.values())})
+        write_json_atomic(self.work.recipe, {"settings": new.model_dump(mode="json"), "model_fingerprint": self.fingerprint,
+                                             "model_dir": str(self.model_dir), "quantkit_version": __version__})
+
+    def _done_branches(self) -> list[str]:
+        return [k for k, v in self.state.steps.items() if k.startswith("convert:") and v.status != "pending"]
+
+    @staticmethod
+    def _locked(field: str, old: Any, new: Any, force: bool, resets: list[str], steps: list[str]) -> None:
+        if not force:
+            raise SettingsLocked(field, old, new)
+        resets.extend(steps)
+
+    def _reset(self, step: str) -> None:
+        if step == "calibration":
+            shutil.rmtree(self.work.calibration, ignore_errors=True)
+        elif step == "measure":
+            shutil.rmtree(self.work.measure, ignore_errors=True)
+            self.work.measurement.unlink(missing_ok=True)
+            self.work.provenance.unlink(missing_ok=True)
+        elif step.startswith("convert:"):
+            name = step.split(":", 1)[1]
+            shutil.rmtree(self.work.job(name), ignore_errors=True)
+            shutil.rmtree(self.work.out(name), ignore_errors=True)
+        self.state.reset(step)
+
+    # ---- checks before GPU work ----------------------------------------------------------------------
+
+    def check_disk(self, needs: list[StepNeeds]) -> None:
+        self.work.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.work.root).free
+        needed = sum(n.disk_bytes for n in needs)
+        if needed > free:
+            raise DiskTooSmall(self.work.root, needed, free)
+
+    def _emit(self, step: str, line: LogLine | None) -> None:
+        if self.listener is not None:
+            self.listener(step, line)
+
+    # ---- steps ---------------------------------------------------------------------------------------
+
+    def calibration_set(self) -> calibration.CalibrationSet:
+        """Build (or reuse) WORK/calibration for the largest pass: rows x length tokens."""
+        s = self.settings
+        built = calibration.read_set(self.work.calibration)
+        if built is not None and self.state.done("calibration"):
+            self._check_tokens(built)
+            return built
+        self._emit("calibration", None)
+        self.state.mark("calibration", "running")
+        recipe, base = calibration.load_recipe(s.calibration, source=s.calibration_source,
+                                               rows=max(s.rows, s.measurement_rows), length=s.length)
+        built = calibration.build(recipe, base, self.model_dir, self.work.calibration)
+        self.state.mark("calibration", "done", sha256=built.manifest.sha256, tokens=built.manifest.tokens)
+        return built
+
+    def _check_tokens(self, built: calibration.CalibrationSet) -> None:
+        s = self.settings
+        for rows in (s.rows, s.measurement_rows):
+            if built.manifest.tokens < rows * s.length:
+                raise NotEnoughText(str(built.parquet), built.manifest.tokens, rows, s.length)
+
+    def measure(self) -> meas.Provenance:
+        """The one measurement pass (`-om`), resumed when its job folder survives."""
+        s = self.settings
+        cal = self.calibration_set()
+        if self.state.done("measure") and self.work.provenance.is_file():
+            prov = meas.read_provenance(self.work.measurement)
+            meas.check_provenance(self.work.measurement, prov, fingerprint=self.fingerprint)
+            return prov
+        job = conv.MeasureJob(model_dir=self.model_dir, work_dir=self.work.measure, measurement=self.work.measurement,
+                              calibration=cal.parquet, rows=s.measurement_rows, length=s.length)
+        if not conv.is_finished(job):
+            conv.preflight()
+            self.check_disk([measure_needs(self.model, rows=s.measurement_rows, length=s.length)])
+        self._emit("measure", None)
+        self.state.mark("measure", "running")
+        try:
+            result = self.converter.run(job, on_line=lambda line: self._emit("measure", line))
+        except Exception:
+            self.state.mark("measure", "failed")
+            raise
+        self.converter_seconds += result.seconds
+        meas.load_measurement(self.work.measurement)  # refuse a file exllamav2 would choke on later
+        prov = meas.make_provenance(self.model, self.fingerprint, measurement=self.work.measurement,
+                                    calibration=cal.manifest.name, calibration_sha256=cal.manifest.sha256,
+                                    rows=s.measurement_rows, length=s.length, exllamav2_version=conv.converter_version())
+        write_json_atomic(self.work.provenance, prov.model_dump())
+        self.state.mark("measure", "done", sha256=prov.measurement_sha256)
+        return prov
+
+    def analysis(self) -> tuple[meas.Measurement, meas.BitRange, meas.Provenance]:
+        """The recorded measurement, checked against this model, and the bitrates it reaches.
+
+        Raises:
+            MeasurementMissing, MeasurementCorrupt, MeasurementMismatch.
+        """
+        if not self.work.measurement.is_file():
+            raise MeasurementMissing(self.work.root)
+        prov = meas.read_provenance(self.work.measurement)
+        meas.check_provenance(self.work.measurement, prov, fingerprint=self.fingerprint)
+        m = meas.load_measurement(self.work.measurement)
+        return m, meas.reachable_range(m, self.model), prov
+
+    def check_branches(self, branches: list[Branch]) -> meas.BitRange:
+        """Every branch reachable with the measurement, before any conversion starts."""
+        _m, rng, _p = self.analysis()
+        for b in branches:
+            meas.check_reachable(b.bits, rng)
+        return rng
+
+    def convert(self, branch: Branch) -> BranchResult:
+        """One bitrate from the measurement into WORK/out/<branch>, resumed when its job folder survives."""
+        s = self.settings
+        cal = self.calibration_set()
+        _m, rng, prov = self.analysis()
+        meas.check_reachable(branch.bits, rng)
+        step = convert_step(branch.name)
+        out = self.work.out(branch.name)
+        job = conv.ConvertJob(model_dir=self.model_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
+                              output_dir=out, bits=branch.bits, head_bits=branch.head_bits, calibration=cal.parquet,
+                              rows=s.rows, length=s.length)
+        if self.state.done(step) and conv.is_finished(job) and (out / fin.PROVENANCE_NAME).is_file():
+            return BranchResult(branch=branch.name, folder=out, provenance=read_json(out / fin.PROVENANCE_NAME), converter_seconds=0.0, skipped=True)
+        if not conv.is_finished(job):
+            conv.preflight()
+            self.check_disk([convert_needs(self.model, bits=branch.bits, head_bits=branch.head_bits, rows=s.rows, length=s.length)])
+        self._emit(step, None)
+        self.state.mark(step, "running", bits=branch.bits, head_bits=branch.head_bits)
+        try:
+            result = self.converter.run(job, on_line=lambda line: self._emit(step, line))
+        except Exception:
+            self.state.mark(step, "failed")
+            raise
+        self.converter_seconds += result.seconds
+        head_weights = self.model.shape.hidden * self.model.shape.vocab
+        achieved = fin.achieved_bits(out, decoder_weights=rng.decoder_weights, head_weights=head_weights)
+        record = {
+            "branch": branch.name, "bits": branch.bits, "head_bits": branch.head_bits,
+            "achieved_decoder_bpw": round(achieved.decoder_bpw, 4), "achieved_head_bpw": round(achieved.head_bpw, 4),
+            "bytes": achieved.bytes, "reachable_bpw": [round(rng.low, 4), round(rng.high, 4)],
+            "measurement_sha256": prov.measurement_sha256, "source_model": s.model, "model_fingerprint": self.fingerprint,
+            "calibration": {"name": cal.manifest.name, "sha256": cal.manifest.sha256, "rows": s.rows, "length": s.length,
+                            "measurement_rows": prov.rows, "measurement_length": prov.length},
+            "exllamav2_version": conv.converter_version(), "quantkit_version": __version__, "adapter": None,
+        }
+        written = fin.finalize(out, record)
+        self.state.mark(step, "done", achieved_decoder_bpw=record["achieved_decoder_bpw"])
+        return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)
+
+    def publish_branch(self, branch: Branch) -> StepState:
+        """Issue 5's hook: publishing a branch to the Hub. Until then it records "not published"."""
+        step = publish_step(branch.name)
+        if not self.state.done(step):
+            self.state.mark(step, "pending", published=False, note="not published: publishing is issue 5")
+        return self.state.get(step)
+

@@ -1,0 +1,126 @@
+"""`quantkit run RECIPE.toml`: one file names model, calibration, branches; the steps run in order
+(calibration -> measure -> convert each -> publish each) through the file-backed `Pipeline`.
+
+A recipe:
+    model = "path/or/hub-id"
+    work = "work/llama3"             # optional; --work overrides
+    calibration = "default"          # a recipe name in calibration/, or a file
+    rows = 100                       # quantization pass
+    measurement_rows = 16
+    length = 2048
+    branches = "default"             # or a branch-set file, or inline [[branch]] tables
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from quantkit.branches import Branch, default_branches, load_branch_file
+from quantkit.errors import QuantkitError, RecipeUnreadable
+from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
+from quantkit.model import Model
+from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
+from quantkit.plan import make_plan
+from quantkit.vram import CacheMode
+
+DRY_RUN_CONTEXT = 4096
+
+
+class RunRecipe(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    settings: Settings
+    work: Path | None
+
+
+def load_run_recipe(path: Path) -> RunRecipe:
+    """Raises: RecipeUnreadable (and the validation errors of its values)."""
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RecipeUnreadable(path, "no such file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RecipeUnreadable(path, f"not valid TOML ({str(exc).splitlines()[0]})") from exc
+    if "model" not in data:
+        raise RecipeUnreadable(path, "it names no model (model = \"folder or hub id\")")
+    raw = data.pop("branches", "default")
+    data.pop("branch", None) if isinstance(raw, list) else None
+    if raw == "default":
+        branches = default_branches()
+    elif isinstance(raw, str):
+        branches = load_branch_file((path.parent / raw) if not Path(raw).is_absolute() else Path(raw))
+    else:
+        try:
+            branches = [Branch(**b) for b in raw]
+        except (TypeError, ValidationError) as exc:
+            raise RecipeUnreadable(path, f"bad branches ({str(exc).splitlines()[0]})") from exc
+    work = data.pop("work", None)
+    model = data["model"]
+    if not Path(model).is_absolute() and (path.parent / model).is_dir():
+        data["model"] = str((path.parent / model).resolve())
+    try:
+        settings = Settings(**data, branches=branches)
+    except ValidationError as exc:
+        raise RecipeUnreadable(path, f"bad settings ({str(exc).splitlines()[0]}: {exc.errors()[0]['msg']})") from exc
+    return RunRecipe(settings=settings, work=(path.parent / work) if work else None)
+
+
+class DryStep(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    step: str
+    status: str
+    needs: StepNeeds | None
+    inference_vram_bytes: int | None = None  # loading the result at DRY_RUN_CONTEXT, FP16 cache
+
+
+class DryRun(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    steps: list[DryStep]
+    reachable: tuple[float, float] | None  # from the measurement, when there is one
+    unreachable: list[str]
+    note: str
+
+
+def dry_run(p: Pipeline) -> DryRun:
+    """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates."""
+    s = p.settings
+    m: Model = p.model
+    steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None),
+             DryStep(step="measure", status=p.state.get("measure").status,
+                     needs=measure_needs(m, rows=s.measurement_rows, length=s.length))]
+    plan = make_plan(m, s.branches, [DRY_RUN_CONTEXT], [CacheMode.FP16]) if s.branches else None
+    infer = {r.branch: r.total_bytes for r in plan.rows} if plan else {}
+    for b in s.branches:
+        steps.append(DryStep(step=convert_step(b.name), status=p.state.get(convert_step(b.name)).status,
+                             needs=convert_needs(m, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length),
+                             inference_vram_bytes=infer.get(b.name)))
+    for b in s.branches:
+        steps.append(DryStep(step=f"publish:{b.name}", status="not published (issue 5)", needs=None))
+    reachable = None
+    unreachable: list[str] = []
+    note = "reachable bitrates are known once the measurement exists"
+    try:
+        _meas, rng, _prov = p.analysis()
+        reachable = (rng.low, rng.high)
+        unreachable = [b.name for b in s.branches if not rng.contains(b.bits)]
+        note = "reachable bitrates from the measurement"
+    except QuantkitError:
+        pass
+    return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note)
+
+
+def run_all(p: Pipeline) -> list[BranchResult]:
+    """calibration -> measure -> (all branches checked reachable) -> convert each -> publish hook each."""
+    p.calibration_set()
+    p.measure()
+    p.check_branches(p.settings.branches)
+    results = [p.convert(b) for b in p.settings.branches]
+    for b in p.settings.branches:
+        p.publish_branch(b)
+    return results
