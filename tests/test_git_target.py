@@ -97,3 +97,16 @@ def test_bare_repository(tmp_path: Path) -> None:
     subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(repo)], check=True)
     publish(work, GitTarget(repo), repo=REPO)
     assert files(repo, "6_5")[-1] == "tokenizer_config.json"
+
+
+def test_relative_work_folder_from_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found end to end: git runs inside the target, so the work folder's files must be passed absolute.
+    from click.testing import CliRunner
+
+    from quantkit.cli.main import cli
+
+    make_work(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["publish", "work", "--repo", "alice/tiny-exl2", "--to", "pub"])
+    assert r.exit_code == 0, r.output
+    assert "output.safetensors" in files(tmp_path / "pub", "6_5")

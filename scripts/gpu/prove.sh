@@ -47,8 +47,8 @@ export PYTHONUNBUFFERED=1
 qk() { python3 -m quantkit "$@"; }
 qk_measure() { qk measure "$1" --work "$2" ${PROVE_CALIBRATION:+--calibration "$PROVE_CALIBRATION"} --rows "$ROWS" --length "$LENGTH"; }
 qk_convert() { qk convert "$1" --work "$2" --bits "$BITS" --head-bits "$HEAD_BITS"; }
-qk_card() { qk card "$1"; }
-qk_publish() { qk publish "$1" --to "$2"; }
+qk_card() { qk card "$1" --repo "quantkit-proof/$(basename "$1")-exl2" --output "$1/card-preview.md"; }
+qk_publish() { qk publish "$1" --repo "quantkit-proof/$(basename "$1")-exl2" --to "$2"; }
 # -----------------------------------------------------------------------------------------------------
 
 FAILED=0
