@@ -4,6 +4,8 @@ Layout (shared with issue 5):
   WORK/recipe.json                   the frozen settings (`Settings`) plus the model fingerprint
   WORK/state.json                    one record per step: pending | running | done | failed
   WORK/calibration/                  calibration.parquet + manifest.json
+  WORK/adapted/                      the architecture adapter's working copy, when exllamav2 lacks the
+                                     model's architecture (issue 6): the converter's -i; never the user's folder
   WORK/measure/                      exllamav2's -o for the measurement (job_new.json kept for resume)
   WORK/measurement.json              -om: outside any -o
   WORK/measurement.provenance.json   where it came from
@@ -38,7 +40,7 @@ from quantkit.errors import (
 from quantkit.exl2 import converter as conv
 from quantkit.exl2 import finalize as fin
 from quantkit.exl2 import measurement as meas
-from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
+from quantkit.exl2.resources import StepNeeds, adapt_needs, convert_needs, measure_needs
 from quantkit.exl2.status import LogLine
 from quantkit.files import read_json, write_json_atomic
 from quantkit.model import Model, load_model
@@ -83,6 +85,7 @@ class Work:
         self.recipe = root / "recipe.json"
         self.state = root / "state.json"
         self.calibration = root / "calibration"
+        self.adapted = root / "adapted"
         self.measure = root / "measure"
         self.measurement = root / "measurement.json"
         self.provenance = meas.provenance_path(self.measurement)
@@ -159,8 +162,12 @@ class Pipeline:
         self.model_dir: Path = self.model.path
         if not any(self.model_dir.glob("*.safetensors")):
             raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
+        # Always the user's source model, adapter or not: a rerun on the same source matches its work.
         self.fingerprint = meas.model_fingerprint(self.model)
+        #: The adapter's plan (load_model ran its check, so an unmappable config is already refused).
+        self.adapter = self.model.adapter
         self.state = State(self.work)
+        self._input: Path | None = None
         #: Seconds spent inside the converter subprocess, for the overhead figure.
         self.converter_seconds = 0.0
 
@@ -264,6 +271,61 @@ class Pipeline:
             if built.manifest.tokens < rows * s.length:
                 raise NotEnoughText(str(built.parquet), built.manifest.tokens, rows, s.length)
 
+    # ---- the architecture adapter (issue 6) ---------------------------------------------------------
+
+    def adapter_record(self) -> dict[str, Any] | None:
+        """What measurement.provenance.json and each quantkit.json record about the adapter."""
+        a = self.adapter
+        if a is None:
+            return None
+        return {"adapter": a.adapter, "source_arch": a.source_arch, "target_arch": a.target_arch, "status": a.status,
+                "experimental": a.experimental, "exact": a.exact, "summary": a.summary()}
+
+    def adapt_needs(self) -> StepNeeds | None:
+        if self.adapter is None:
+            return None
+        from quantkit.archs import adapters
+        from quantkit.archs.adapters import workcopy
+
+        adapter = adapters.get(self.adapter.source_arch)
+        assert adapter is not None
+        return adapt_needs(workcopy.disk_need(adapter, self.model_dir, self.work.adapted), shard_bytes=workcopy.SHARD_BYTES)
+
+    @property
+    def input_dir(self) -> Path:
+        """The folder the converter reads (`-i`); `converter_input()` makes sure it is there."""
+        return self.model_dir if self.adapter is None else self.work.adapted
+
+    def converter_input(self) -> Path:
+        """The converter's `-i`: the user's folder, or the adapter's working copy in WORK/adapted, written
+        once (reused while complete and current, rebuilt otherwise) through the adapter's atomic write."""
+        if self.adapter is None:
+            return self.model_dir
+        if self._input is not None:
+            return self._input
+        from quantkit.archs import adapters
+        from quantkit.archs.adapters import workcopy
+
+        dst = self.work.adapted
+        recorded = self.state.get("adapt").info.get("model_fingerprint")
+        if recorded == self.fingerprint and workcopy.is_current(dst, self.model_dir, self.adapter):
+            if not self.state.done("adapt"):
+                self.state.mark("adapt", "done")
+        else:
+            needs = self.adapt_needs()
+            assert needs is not None
+            self.check_disk([needs])
+            self._emit("adapt", None)
+            self.state.mark("adapt", "running", adapter=self.adapter.adapter, model_fingerprint=self.fingerprint)
+            try:
+                copy = adapters.prepare(self.model_dir, dst)
+            except Exception:
+                self.state.mark("adapt", "failed")
+                raise
+            self.state.mark("adapt", "done", written_bytes=copy.written_bytes, files=len(copy.files))
+        self._input = dst
+        return dst
+
     def measure(self) -> meas.Provenance:
         """The one measurement pass (`-om`), resumed when its job folder survives."""
         s = self.settings
@@ -272,11 +334,12 @@ class Pipeline:
             prov = meas.read_provenance(self.work.measurement)
             meas.check_provenance(self.work.measurement, prov, fingerprint=self.fingerprint)
             return prov
-        job = conv.MeasureJob(model_dir=self.model_dir, work_dir=self.work.measure, measurement=self.work.measurement,
+        job = conv.MeasureJob(model_dir=self.input_dir, work_dir=self.work.measure, measurement=self.work.measurement,
                               calibration=cal.parquet, rows=s.measurement_rows, length=s.length)
         if not conv.is_finished(job):
             conv.preflight()
             self.check_disk([measure_needs(self.model, rows=s.measurement_rows, length=s.length)])
+            self.converter_input()
         self._emit("measure", None)
         self.state.mark("measure", "running")
         try:
@@ -288,7 +351,8 @@ class Pipeline:
         meas.load_measurement(self.work.measurement)  # refuse a file exllamav2 would choke on later
         prov = meas.make_provenance(self.model, self.fingerprint, measurement=self.work.measurement,
                                     calibration=cal.manifest.name, calibration_sha256=cal.manifest.sha256,
-                                    rows=s.measurement_rows, length=s.length, exllamav2_version=conv.converter_version())
+                                    rows=s.measurement_rows, length=s.length, exllamav2_version=conv.converter_version(),
+                                    adapter=self.adapter_record())
         write_json_atomic(self.work.provenance, prov.model_dump())
         self.state.mark("measure", "done", sha256=prov.measurement_sha256)
         return prov
@@ -321,7 +385,7 @@ class Pipeline:
         meas.check_reachable(branch.bits, rng)
         step = convert_step(branch.name)
         out = self.work.out(branch.name)
-        job = conv.ConvertJob(model_dir=self.model_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
+        job = conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
                               output_dir=out, bits=branch.bits, head_bits=branch.head_bits, calibration=cal.parquet,
                               rows=s.rows, length=s.length)
         if self.state.done(step) and conv.is_finished(job) and (out / fin.PROVENANCE_NAME).is_file():
@@ -329,6 +393,7 @@ class Pipeline:
         if not conv.is_finished(job):
             conv.preflight()
             self.check_disk([convert_needs(self.model, bits=branch.bits, head_bits=branch.head_bits, rows=s.rows, length=s.length)])
+            self.converter_input()
         self._emit(step, None)
         self.state.mark(step, "running", bits=branch.bits, head_bits=branch.head_bits)
         try:
@@ -346,7 +411,7 @@ class Pipeline:
             "measurement_sha256": prov.measurement_sha256, "source_model": s.model, "model_fingerprint": self.fingerprint,
             "calibration": {"name": cal.manifest.name, "sha256": cal.manifest.sha256, "rows": s.rows, "length": s.length,
                             "measurement_rows": prov.rows, "measurement_length": prov.length},
-            "exllamav2_version": conv.converter_version(), "quantkit_version": __version__, "adapter": None,
+            "exllamav2_version": conv.converter_version(), "quantkit_version": __version__, "adapter": self.adapter_record(),
         }
         written = fin.finalize(out, record)
         self.state.mark(step, "done", achieved_decoder_bpw=record["achieved_decoder_bpw"])

@@ -76,6 +76,7 @@ class DryStep(BaseModel):
     status: str
     needs: StepNeeds | None
     inference_vram_bytes: int | None = None  # loading the result at DRY_RUN_CONTEXT, FP16 cache
+    note: str | None = None
 
 
 class DryRun(BaseModel):
@@ -91,9 +92,11 @@ def dry_run(p: Pipeline) -> DryRun:
     """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates."""
     s = p.settings
     m: Model = p.model
-    steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None),
-             DryStep(step="measure", status=p.state.get("measure").status,
-                     needs=measure_needs(m, rows=s.measurement_rows, length=s.length))]
+    steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None)]
+    if p.adapter is not None:  # issue 6: the working copy the converter reads, in WORK/adapted
+        steps.append(DryStep(step="adapt", status=p.state.get("adapt").status, needs=p.adapt_needs(), note=p.adapter.summary()))
+    steps.append(DryStep(step="measure", status=p.state.get("measure").status,
+                         needs=measure_needs(m, rows=s.measurement_rows, length=s.length)))
     plan = make_plan(m, s.branches, [DRY_RUN_CONTEXT], [CacheMode.FP16]) if s.branches else None
     infer = {r.branch: r.total_bytes for r in plan.rows} if plan else {}
     for b in s.branches:

@@ -39,6 +39,12 @@ def _settings(model: str, work: Path, **given: object) -> Settings:
     return Settings(model=model, **values)  # type: ignore[arg-type]
 
 
+def say_adapter(out: Output, p: Pipeline) -> None:
+    """The one line that says an architecture adapter is in play, and whether it is proven (issue 6)."""
+    if p.adapter is not None:
+        out.warn(f"architecture adapter: {p.adapter.summary()}; the converter reads its working copy in {p.work.adapted}")
+
+
 @click.command()
 @click.argument("model")
 @work_option
@@ -66,6 +72,7 @@ def measure(model: str, work: Path, calibration: str | None, calibration_source:
                   measurement_rows=_count("rows", rows), length=_count("length", length))
     with StepProgress(out) as view:
         p = Pipeline(s, work, listener=view)
+        say_adapter(out, p)
         p.lock(force=force_settings)
         prov = p.measure()
         _m, rng, _ = p.analysis()
@@ -101,6 +108,7 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
     s = _settings(model, work, rows=_count("rows", rows)).model_copy(update={"branches": brs})
     with StepProgress(out) as view:
         p = Pipeline(s, work, listener=view)
+        say_adapter(out, p)
         p.lock(force=force_settings)
         rng = p.check_branches(brs)  # all of them, before the first conversion starts
         results = [p.convert(b) for b in brs]

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from quantkit.cli.measure import say_adapter
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
 from quantkit.pipeline import Pipeline
@@ -48,11 +49,13 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
         raise click.BadParameter("the recipe names no `work` folder: pass --work DIR", param_hint="--work")
     if dry_run:
         p = Pipeline(r.settings, folder)
+        say_adapter(out, p)
         out.rich(dry_run_plan(p))
         return
     start = time.monotonic()
     with StepProgress(out) as view:
         p = Pipeline(r.settings, folder, listener=view)
+        say_adapter(out, p)
         p.lock(force=force_settings)
         results = run_all(p)
     total = time.monotonic() - start
@@ -75,5 +78,8 @@ def dry_run_plan(p: Pipeline) -> Table:
         t.caption = f"{d.note}: {d.reachable[0]:.3f} to {d.reachable[1]:.3f} bpw" + (f"; UNREACHABLE: {', '.join(d.unreachable)}" if d.unreachable else "")
     else:
         t.caption = d.note
+    notes = [f"{s.step}: {s.note}" for s in d.steps if s.note]
+    if notes:
+        t.caption = "\n".join([t.caption, *notes])
     return t
 

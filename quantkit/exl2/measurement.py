@@ -166,6 +166,9 @@ class Provenance(BaseModel):
     measurement_sha256: str
     quantkit_version: str = __version__
     created: str = ""
+    #: The architecture adapter the converter read the model through (issue 6): adapter, source_arch,
+    #: target_arch, status, experimental, exact, summary. None when exllamav2 reads the model as it is.
+    adapter: dict[str, Any] | None = None
 
 
 def model_fingerprint(model: Model) -> str:
@@ -185,11 +188,12 @@ def model_fingerprint(model: Model) -> str:
 
 
 def make_provenance(model: Model, fingerprint: str, *, measurement: Path, calibration: str, calibration_sha256: str,
-                    rows: int, length: int, exllamav2_version: str) -> Provenance:
+                    rows: int, length: int, exllamav2_version: str, adapter: dict[str, Any] | None = None) -> Provenance:
     return Provenance(
         model_ref=model.ref, model_fingerprint=fingerprint, calibration=calibration,
         calibration_sha256=calibration_sha256, rows=rows, length=length, exllamav2_version=exllamav2_version,
         measurement_sha256=file_sha256(measurement), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        adapter=adapter,
     )
 
 

@@ -65,3 +65,9 @@ def convert_needs(model: Model, *, bits: float, head_bits: int, rows: int, lengt
         ram_bytes=2 * states + embeddings_ram_bytes(model.shape),
         vram_bytes=_module_vram(model) + 2 * length * (model.shape.hidden + model.shape.intermediate) * 2 * 4 + CUDA_OVERHEAD,
     )
+
+
+def adapt_needs(disk_bytes: int, *, shard_bytes: int) -> StepNeeds:
+    """The adapter's working copy (issue 6), on the CPU: the rewritten tensors on disk, and in RAM one new
+    shard's worth of them at most (workcopy.py writes a shard once it holds `shard_bytes`)."""
+    return StepNeeds(step="adapt", disk_bytes=disk_bytes, ram_bytes=min(disk_bytes, shard_bytes), vram_bytes=0)

@@ -168,13 +168,19 @@ if not os.path.exists(os.path.join(in_dir, "tokenizer.json")):
 
 layers = int(config["num_hidden_layers"])
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MLP = ["gate_proj", "up_proj", "down_proj"]
+# exllamav2's MLP projections (the keys of a measurement option) and, per architecture, the tensor each
+# reads: Starcoder2 (what quantkit's GPT-NeoX adapter targets) has no gate and names up/down c_fc/c_proj.
+GATED = config["architectures"][0] != "Starcoder2ForCausalLM"
+MLP = ["gate_proj", "up_proj", "down_proj"] if GATED else ["up_proj", "down_proj"]
+TENSOR = {p: p for p in ATTN + MLP} | ({} if GATED else {"up_proj": "c_fc", "down_proj": "c_proj"})
 # exllamav2's module list for Llama: embedding, (attention, MLP) per layer, final norm, lm_head.
 modules = ["model.embed_tokens"] + [f"model.layers.{i}.{m}" for i in range(layers) for m in ("self_attn", "mlp")] + ["model.norm", "lm_head"]
 
 
 def linear_shape(key: str) -> tuple[int, int]:
     """(rows, columns) as QParams.total_bits sees them: weight.T, i.e. (in_features, out_features)."""
+    group, _, proj = key.rpartition(".")
+    key = f"{group}.{TENSOR.get(proj, proj)}" if group else key
     out_f, in_f = shapes[key + ".weight"][0]
     return in_f, out_f
 
@@ -216,11 +222,13 @@ def measure_module(index: int) -> list[dict]:
     attn = key.endswith("self_attn")
     projs = ATTN if attn else MLP
     grp = "self_attn" if attn else "mlp"
-    qjobs, qmaps = get_qparams_reduced(qparams_attn if attn else qparams_mlp)
+    # measure.py measure_mlp: get_qparams_reduced(qparams_mlp, not has_gate) drops the gate column.
+    qjobs, qmaps = get_qparams_reduced(qparams_attn if attn else qparams_mlp, not attn and not GATED)
+    cols = list(range(len(projs))) if attn or GATED else [1, 2]
     numel = sum(a * b for a, b in (linear_shape(f"{key}.{p}") for p in projs))
     results = []
     for m in qmaps:
-        qps = [qjobs[j][m[j]] for j in range(len(projs))]
+        qps = [qjobs[c][m[j]] for j, c in enumerate(cols)]
         total = sum(qp.total_bits(linear_shape(f"model.layers.{layer}.{grp}.{p}")) for p, qp in zip(projs, qps))
         # A made-up but monotone accuracy: more bits, less error; later layers a little worse.
         accuracy = 1 - 0.6 * 2 ** (-total / numel) * (1 + 0.05 * layer)
@@ -324,7 +332,7 @@ def quant() -> None:
         for p in ATTN if key.endswith("self_attn") else MLP:
             qp = QParams.from_dict(strat[p])
             rows, cols = linear_shape(f"{key}.{p}")
-            out.update(q_tensors(f"{key}.{p}", qp, rows, cols))
+            out.update(q_tensors(f"{key}.{TENSOR[p]}", qp, rows, cols))
         save_file(out, os.path.join(job["out_dir"], "out_tensor", key + ".safetensors"))
         time.sleep(DELAY)
         fail_here(f"quant:{n + 1}")

@@ -132,6 +132,80 @@ class _Reader:
         return arr
 
 
+def _layout(tensors: dict[str, TensorInfo], outs: list[Out]) -> tuple[dict[str, list[str]], set[str]]:
+    """Tensor names per source file, and the safetensors shards whose tensors all pass through unchanged."""
+    by_file: dict[str, list[str]] = {}
+    for name, info in tensors.items():
+        by_file.setdefault(info.file, []).append(name)
+    users: dict[str, list[Out]] = {}
+    for o in outs:
+        if o.source is not None:
+            users.setdefault(o.source, []).append(o)
+    linkable = {f for f, names in by_file.items() if f.endswith(".safetensors")
+                and all(len(users.get(n, [])) == 1 and users[n][0].identity for n in names)}
+    return by_file, linkable
+
+
+def disk_need(adapter: Adapter, src: Path, dst: Path) -> int:
+    """Bytes the working copy of `src` takes in `dst`: the rewritten tensors, plus the pass-through shards
+    when they cannot be hard-linked (another filesystem). Reads headers only.
+
+    Raises:
+        as `prepare`, for the checks it shares (config, weights, checkpoint).
+    """
+    plan = adapter.check(read_source_config(src))
+    tensors = _Reader(src).headers()
+    outs = adapter.tensor_plan(plan, tensors)
+    _by_file, linkable = _layout(tensors, outs)
+    written = sum(_out_bytes(o, tensors) for o in outs if o.source is None or tensors[o.source].file not in linkable)
+    probe = dst
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    same_fs = probe.exists() and os.stat(probe).st_dev == os.stat(src).st_dev
+    linked = 0 if same_fs else sum((src / f).resolve().stat().st_size for f in linkable)
+    return written + linked
+
+
+def is_current(dst: Path, src: Path, plan: Any) -> bool:
+    """True when `dst` holds a complete working copy of `src` made with `plan` (an AdapterPlan): its
+    provenance names the same plan and source config, every file it lists is there, pass-through shards
+    have the source's sizes, and no stray shard would be read by the converter. Anything else is rebuilt."""
+    try:
+        prov = json.loads((dst / PROVENANCE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(prov, dict) or prov.get("plan") != plan.model_dump(mode="json"):
+        return False
+    try:
+        if prov.get("source_config_sha256") != hashlib.sha256((src / "config.json").read_bytes()).hexdigest():
+            return False
+        sizes = {f: (src / f).stat().st_size for f in prov.get("source_files", {})}
+    except OSError:
+        return False
+    if sizes != prov.get("source_files"):
+        return False
+    files: dict[str, str] = prov.get("files", {})
+    if {p.name for p in dst.glob("*.safetensors")} != {f for f in files if f.endswith(".safetensors")}:
+        return False
+    for name, how in files.items():
+        path = dst / name
+        if not path.is_file():
+            return False
+        if how in ("linked", "copied") and name in sizes and path.stat().st_size != sizes[name]:
+            return False
+    return True
+
+
+def _out_bytes(o: Out, tensors: dict[str, TensorInfo]) -> int:
+    if o.source is None:
+        assert o.zeros is not None
+        shape, dtype = o.zeros
+        return _nbytes(TensorInfo(dtype=dtype, shape=tuple(shape), file=""))
+    info = tensors[o.source]
+    whole = _nbytes(info)
+    return whole if o.rows is None else whole // info.shape[0] * len(o.rows)
+
+
 def _link(src: Path, dst: Path) -> str:
     try:
         os.link(src.resolve(), dst)  # resolve: Hub cache snapshots are symlinks into blobs/
@@ -155,15 +229,7 @@ def prepare(adapter: Adapter, src: Path, dst: Path) -> AdaptedModel:
     tensors = reader.headers()
     outs = adapter.tensor_plan(plan, tensors)
 
-    by_file: dict[str, list[str]] = {}
-    for name, info in tensors.items():
-        by_file.setdefault(info.file, []).append(name)
-    users: dict[str, list[Out]] = {}
-    for o in outs:
-        if o.source is not None:
-            users.setdefault(o.source, []).append(o)
-    linkable = {f for f, names in by_file.items() if f.endswith(".safetensors")
-                and all(len(users.get(n, [])) == 1 and users[n][0].identity for n in names)}
+    by_file, linkable = _layout(tensors, outs)
 
     partial = dst.parent / f".{dst.name}.partial"
     if partial.exists():
