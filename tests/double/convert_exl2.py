@@ -212,10 +212,6 @@ def tokenize(measure: bool) -> None:
     print_stage(stage, 1, 1)
 
 
-def option_bits(projs: list[str], layer: int, qps: list[QParams]) -> int:
-    return sum(qp.total_bits(linear_shape(f"model.layers.{layer}.{grp}.{p}")) for p, qp in zip(projs, qps))
-
-
 def measure_module(index: int) -> list[dict]:
     key = modules[index]
     layer = int(key.split(".")[2])
