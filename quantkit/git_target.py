@@ -108,7 +108,8 @@ class GitTarget(Target):
             env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
             self.git("read-tree", parent, env=env)
             for path, local in sorted(adds.items()):
-                oid = self.git("hash-object", "-w", "--no-filters", "--", str(local)).strip()
+                # resolved: git runs with -C the target, so a path relative to here would miss
+                oid = self.git("hash-object", "-w", "--no-filters", "--", str(Path(local).resolve())).strip()
                 self.git("update-index", "--add", "--cacheinfo", f"100644,{oid},{path}", env=env)
             for path in deletes:
                 self.git("update-index", "--force-remove", "--", path, env=env)
