@@ -117,7 +117,8 @@ def _calibration(work: Path | None) -> str:
 
 def _recipe_branches(work: Path | None) -> list[Branch]:
     defaults = {b.name: b for b in default_branches()}
-    raw = pick(read_json(work / RECIPE), "branches") if work is not None else None
+    # issue 4's pipeline writes {"settings": {"branches": [...]}}
+    raw = pick(read_json(work / RECIPE), "branches", "settings.branches") if work is not None else None
     if not isinstance(raw, list) or not raw:
         return list(defaults.values())
     out = []

@@ -404,3 +404,16 @@ class RecipeUnreadable(QuantkitError):
         super().__init__(f"{path}: {reason}")
         self.path = path
         self.reason = reason
+
+
+# ---- issue 5 item 4: publishing inside `quantkit run` ---------------------------------------------
+
+
+class PublishFailed(QuantkitError):
+    """A branch's upload failed in the run's background worker; `cause` is the publisher's error."""
+
+    def __init__(self, branch: str, target: str, cause: BaseException) -> None:
+        super().__init__(f"{target}@{branch}: {cause}")
+        self.branch = branch
+        self.target = target
+        self.cause = cause

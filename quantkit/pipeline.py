@@ -44,6 +44,7 @@ from quantkit.exl2.resources import StepNeeds, adapt_needs, convert_needs, measu
 from quantkit.exl2.status import LogLine
 from quantkit.files import read_json, write_json_atomic
 from quantkit.model import Model, load_model
+from quantkit.workfolder import update_state
 
 Status = Literal["pending", "running", "done", "failed"]
 #: Called with (step name, console line) for every converter line, and with (step, None) on step start.
@@ -119,8 +120,13 @@ class State:
     def mark(self, step: str, status: Status, **info: Any) -> None:
         self.steps[step] = StepState(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                      info=self.get(step).info | info)
-        write_json_atomic(self.work.state, {"version": 1, "quantkit_version": __version__,
-                                            "steps": {k: v.model_dump() for k, v in self.steps.items()}})
+        steps = {k: v.model_dump() for k, v in self.steps.items()}
+
+        # Merged under the file lock: the publish worker writes "published" (quantkit.publish) meanwhile.
+        def change(state: dict[str, Any]) -> None:
+            state.update({"version": 1, "quantkit_version": __version__, "steps": steps})
+
+        update_state(self.work.root, change)
 
     def reset(self, step: str) -> None:
         if step in self.steps:
@@ -130,10 +136,6 @@ class State:
 
 def convert_step(branch: str) -> str:
     return f"convert:{branch}"
-
-
-def publish_step(branch: str) -> str:
-    return f"publish:{branch}"
 
 
 class BranchResult(BaseModel):
@@ -416,11 +418,3 @@ class Pipeline:
         written = fin.finalize(out, record)
         self.state.mark(step, "done", achieved_decoder_bpw=record["achieved_decoder_bpw"])
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)
-
-    def publish_branch(self, branch: Branch) -> StepState:
-        """Issue 5's hook: publishing a branch to the Hub. Until then it records "not published"."""
-        step = publish_step(branch.name)
-        if not self.state.done(step):
-            self.state.mark(step, "pending", published=False, note="not published: publishing is issue 5")
-        return self.state.get(step)
-

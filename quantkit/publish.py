@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import BranchVerifyFailed, ForeignFiles, InvalidBranchName, WorkFolderIncomplete
 from quantkit.targets import RemoteFile, RetryableError, Target
-from quantkit.workfolder import MEASUREMENT, PROVENANCE, RECIPE, converted_branches, update_state
+from quantkit.workfolder import MEASUREMENT, PROVENANCE, RECIPE, STATE, converted_branches, pick, read_json, update_state
 
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 COMMIT_PREFIX = "quantkit"  # every commit quantkit makes starts with it: how it knows its own files
@@ -179,7 +179,7 @@ def _record(work: Path, branch: str, target: Target, result: BranchResult) -> No
 
 
 def _bits_label(work: Path, branch: str) -> str:
-    from quantkit.workfolder import BRANCH_PROVENANCE, pick, read_json
+    from quantkit.workfolder import BRANCH_PROVENANCE
 
     bits = pick(read_json(work / "out" / branch / BRANCH_PROVENANCE), "bits")
     return f" ({bits:g} bpw)" if isinstance(bits, (int, float)) else ""
@@ -202,14 +202,38 @@ def publish_branch(work: Path, branch: str, target: Target, *, card: Path | None
     card = card or work / "publish" / CARD_NAME
     if not card.is_file():
         raise WorkFolderIncomplete(work, f"no card at {card}", "run `quantkit publish` (it writes the card) or `quantkit card WORK --output FILE`")
-    result = sync_branch(target, branch, branch_files(work, branch, card),
-                         message=f"{COMMIT_PREFIX}: branch {branch}{_bits_label(work, branch)}", force=force, hashes=hashes)
+    try:
+        result = sync_branch(target, branch, branch_files(work, branch, card),
+                             message=f"{COMMIT_PREFIX}: branch {branch}{_bits_label(work, branch)}", force=force, hashes=hashes)
+    except Exception as exc:
+        _record_failure(work, branch, target, exc)
+        raise
     _record(work, branch, target, result)
     return result
 
 
-def write_card(work: Path, repo: str, *, prompt_format: str | None = None) -> Path:
-    """Render the card for `repo` into WORK/publish/README.md (rewritten only when it changed)."""
+def _record_failure(work: Path, branch: str, target: Target, exc: BaseException) -> None:
+    """The branch is not (fully) published on `target`: say so in state.json, keeping its last commit."""
+
+    def change(state: dict) -> None:
+        entry = state.setdefault("published", {}).setdefault(branch, {})
+        previous = entry.get(target.id, {})
+        entry[target.id] = {"commit": previous.get("commit"), "verified": False,
+                            "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    update_state(work, change)
+
+
+def published(work: Path, branch: str, target_id: str) -> dict | None:
+    """What WORK/state.json records of `branch` on the target, or None when it was never tried."""
+    record = pick(read_json(work / STATE), f"published.{branch}", default={}) or {}
+    return record.get(target_id)
+
+
+def write_card(work: Path, repo: str | None, *, prompt_format: str | None = None) -> Path:
+    """Render the card for `repo` into WORK/publish/README.md (rewritten only when it changed); without
+    a repo the card names a placeholder USER/<model>-exl2."""
     from quantkit.card import card_spec, parse_card, render_card
 
     text = render_card(card_spec(work, repo=repo, override_format=prompt_format))
@@ -234,14 +258,15 @@ def publish(work: Path, target: Target, *, repo: str, force: bool = False, promp
     target.prepare()
     hashes = FileHashes()
     results = [publish_main(work, target, card, force=force, hashes=hashes)]
-    say(_said(results[-1], target))
+    say(said(results[-1], target))
     for b in branches:
         results.append(publish_branch(work, b, target, card=card, force=force, hashes=hashes))
-        say(_said(results[-1], target))
+        say(said(results[-1], target))
     return results
 
 
-def _said(r: BranchResult, target: Target) -> str:
+def said(r: BranchResult, target: Target) -> str:
+    """One line saying what publishing a branch did."""
     if not r.committed:
         return f"{r.branch}: up to date on {target.id} ({r.files} files), no commit"
     what = f"{len(r.uploaded)} uploaded" + (f", {len(r.deleted)} deleted" if r.deleted else "")
@@ -254,3 +279,42 @@ def upload_bytes(work: Path, card: Path) -> int:
     for b in converted_branches(work):
         files += list(branch_files(work, b, card).values())
     return sum(p.stat().st_size for p in files)
+
+
+# ---- where to publish ------------------------------------------------------------------------------
+
+
+class TargetChoice(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    target: Target
+    warnings: list[str]  # to say on screen: the local default instead of the Hub, --private ignored
+
+
+def choose_target(work: Path, *, repo: str | None, to: Path | None = None, private: bool = False) -> TargetChoice:
+    """The Hub repo when a token is configured, else the local git repository `to` or WORK/hub-repo.
+
+    Shared by `quantkit publish` and `quantkit run`. Raises InvalidRepoId, HubOffline.
+    """
+    from quantkit import hub
+    from quantkit.git_target import GitTarget
+    from quantkit.targets import HubTarget, check_repo_id
+
+    if repo is not None:
+        check_repo_id(repo)
+    warnings: list[str] = []
+    target: Target
+    if to is not None:
+        target = GitTarget(to)
+    elif repo is not None and hub.token():
+        hub.ensure_reachable(repo)
+        target = HubTarget(repo, private=private)
+    else:
+        to = work / "hub-repo"
+        target = GitTarget(to)
+        why = "no Hugging Face token configured" if repo is not None else "no Hub repo named"
+        warnings.append(f"{why}: publishing into the local git repository {to} instead "
+                        f"(inspect it with `git -C {to} log --all`; log in with `hf auth login` and rerun to publish to the Hub)")
+    if private and isinstance(target, GitTarget):
+        warnings.append("private applies to the Hub only; the local repository is yours alone")
+    return TargetChoice(target=target, warnings=warnings)

@@ -9,6 +9,10 @@ A recipe:
     measurement_rows = 16
     length = 2048
     branches = "default"             # or a branch-set file, or inline [[branch]] tables
+
+    [publish]                        # optional: without it, or without a token, into WORK/hub-repo
+    repo = "alice/Llama-3-8B-exl2"   # the Hub repo; private = true to create it private
+    # to = "exl2-repo"               # or a local git repository (relative to the recipe)
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
 from quantkit.plan import make_plan
+from quantkit.publish import choose_target, published
+from quantkit.runpublish import BackgroundPublisher, PublishSpec
 from quantkit.vram import CacheMode
 
 DRY_RUN_CONTEXT = 4096
@@ -35,6 +41,7 @@ class RunRecipe(BaseModel):
 
     settings: Settings
     work: Path | None
+    publish: PublishSpec = PublishSpec()
 
 
 def load_run_recipe(path: Path) -> RunRecipe:
@@ -59,6 +66,7 @@ def load_run_recipe(path: Path) -> RunRecipe:
         except (TypeError, ValidationError) as exc:
             raise RecipeUnreadable(path, f"bad branches ({str(exc).splitlines()[0]})") from exc
     work = data.pop("work", None)
+    publish = _publish_spec(path, data.pop("publish", {}))
     model = data["model"]
     if not Path(model).is_absolute() and (path.parent / model).is_dir():
         data["model"] = str((path.parent / model).resolve())
@@ -66,7 +74,19 @@ def load_run_recipe(path: Path) -> RunRecipe:
         settings = Settings(**data, branches=branches)
     except ValidationError as exc:
         raise RecipeUnreadable(path, f"bad settings ({str(exc).splitlines()[0]}: {exc.errors()[0]['msg']})") from exc
-    return RunRecipe(settings=settings, work=(path.parent / work) if work else None)
+    return RunRecipe(settings=settings, work=(path.parent / work) if work else None, publish=publish)
+
+
+def _publish_spec(path: Path, raw: Any) -> PublishSpec:
+    if not isinstance(raw, dict):
+        raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
+    try:
+        spec = PublishSpec(**raw)
+    except ValidationError as exc:
+        raise RecipeUnreadable(path, f"bad [publish] ({exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']})") from exc
+    if spec.to is not None and not spec.to.is_absolute():
+        spec = spec.model_copy(update={"to": path.parent / spec.to})
+    return spec
 
 
 class DryStep(BaseModel):
@@ -86,10 +106,13 @@ class DryRun(BaseModel):
     reachable: tuple[float, float] | None  # from the measurement, when there is one
     unreachable: list[str]
     note: str
+    publish_target: str
+    publish_warnings: list[str]
 
 
-def dry_run(p: Pipeline) -> DryRun:
-    """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates."""
+def dry_run(p: Pipeline, publish: PublishSpec | None = None) -> DryRun:
+    """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates, and
+    where it publishes (`publish`: the recipe's [publish] table; none names the local WORK/hub-repo)."""
     s = p.settings
     m: Model = p.model
     steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None)]
@@ -103,8 +126,10 @@ def dry_run(p: Pipeline) -> DryRun:
         steps.append(DryStep(step=convert_step(b.name), status=p.state.get(convert_step(b.name)).status,
                              needs=convert_needs(m, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length),
                              inference_vram_bytes=infer.get(b.name)))
-    for b in s.branches:
-        steps.append(DryStep(step=f"publish:{b.name}", status="not published (issue 5)", needs=None))
+    publish = publish or PublishSpec()
+    choice = choose_target(p.work.root, repo=publish.repo, to=publish.to, private=publish.private)
+    for name in ["main"] + [b.name for b in s.branches]:
+        steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, choice.target.id), needs=None))
     reachable = None
     unreachable: list[str] = []
     note = "reachable bitrates are known once the measurement exists"
@@ -115,15 +140,37 @@ def dry_run(p: Pipeline) -> DryRun:
         note = "reachable bitrates from the measurement"
     except QuantkitError:
         pass
-    return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note)
+    return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note,
+                  publish_target=choice.target.id, publish_warnings=choice.warnings)
 
 
-def run_all(p: Pipeline) -> list[BranchResult]:
-    """calibration -> measure -> (all branches checked reachable) -> convert each -> publish hook each."""
+def _published_status(work: Path, branch: str, target_id: str) -> str:
+    record = published(work, branch, target_id)
+    if record is None:
+        return "pending"
+    if record.get("verified"):
+        return f"done ({str(record.get('commit') or '')[:10]})".replace(" ()", "")
+    return f"failed: {record.get('error', 'unknown')}"
+
+
+def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[BranchResult]:
+    """calibration -> measure -> (all branches checked reachable) -> convert each, and with a publisher:
+    main once the measurement exists, then each branch uploading while the next one converts.
+
+    An upload that failed is raised (PublishFailed) after the conversion in flight finishes; the
+    worker is joined before this returns or raises.
+    """
     p.calibration_set()
     p.measure()
     p.check_branches(p.settings.branches)
-    results = [p.convert(b) for b in p.settings.branches]
-    for b in p.settings.branches:
-        p.publish_branch(b)
+    if publisher is None:
+        return [p.convert(b) for b in p.settings.branches]
+    results = []
+    with publisher:
+        publisher.begin()
+        for b in p.settings.branches:
+            results.append(p.convert(b))
+            publisher.check()  # an earlier upload failed: stop before the next conversion
+            publisher.submit(b.name)
+        publisher.finish()
     return results

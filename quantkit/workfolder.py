@@ -80,9 +80,9 @@ def source_model(work: Path) -> str | None:
     """The source model reference (a Hub id or a path) as the provenance or recipe records it."""
     prov = read_json(work / PROVENANCE)
     recipe = read_json(work / RECIPE)
-    ref = pick(prov, "source_model", "source.model", "model.ref", "model", "source")
+    ref = pick(prov, "source_model", "model_ref", "source.model", "model.ref", "model", "source")
     if not isinstance(ref, str):
-        ref = pick(recipe, "model.ref", "model.id", "model.path", "model", "source_model")
+        ref = pick(recipe, "model.ref", "model.id", "model.path", "model", "source_model", "settings.model")
     return ref if isinstance(ref, str) else None
 
 

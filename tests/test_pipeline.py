@@ -50,8 +50,9 @@ def test_full_run_cleans_each_branch(tmp_path, tiny_llama, converter_double):
         assert json.loads((r.folder / "config.json").read_text())["quantization_config"]["quant_method"] == "exl2"
     # More bits, more bytes: the double sizes tensors by the optimizer's choice.
     assert results[0].provenance["bytes"] > results[1].provenance["bytes"]
-    state = json.loads((tmp_path / "w" / "state.json").read_text())["steps"]
-    assert state["publish:8"]["info"]["published"] is False
+    full = json.loads((tmp_path / "w" / "state.json").read_text())
+    state = full["steps"]
+    assert "published" not in full  # without a publisher, run_all converts only (tests/test_run_publish.py publishes)
     assert all(state[s]["status"] == "done" for s in ("calibration", "measure", "convert:8", "convert:5"))
 
 
@@ -172,7 +173,8 @@ def test_settings_that_invalidate_finished_work_are_locked(tmp_path, tiny_llama,
 def test_dry_run_lists_steps_with_needs_and_reachable_bits(tmp_path, tiny_llama, converter_double):
     p = pipeline(tiny_llama, tmp_path / "w", bits=(8.0, 2.0))
     d = dry_run(p)
-    assert [s.step for s in d.steps] == ["calibration", "measure", "convert:8", "convert:2", "publish:8", "publish:2"]
+    assert [s.step for s in d.steps] == ["calibration", "measure", "convert:8", "convert:2", "publish:main", "publish:8", "publish:2"]
+    assert d.publish_target == f"git:{(tmp_path / 'w' / 'hub-repo').resolve()}" and "no Hub repo named" in d.publish_warnings[0]
     assert d.reachable is None
     assert all(s.needs.disk_bytes > 0 and s.needs.vram_bytes > 0 for s in d.steps if s.step.startswith(("measure", "convert")))
     p.measure()

@@ -160,12 +160,16 @@ def test_interrupted_run_finishes_only_what_is_missing(tmp_path: Path, fake: Fak
     with pytest.raises(HubRequestFailed):
         publish(work, _target(), repo=REPO)
     state = json.loads((work / "state.json").read_text())
-    assert set(state["published"]) == {"main", "8_0"}
+    hub_id = f"hub:{REPO}"
+    assert {b for b, r in state["published"].items() if r[hub_id]["verified"]} == {"main", "8_0"}
+    assert "connection lost" in state["published"]["6_5"][hub_id]["error"]  # the state says which one failed
     fake.api.create_commit.side_effect = None  # type: ignore[attr-defined]
     fake.api.reset_mock()  # type: ignore[attr-defined]
     publish(work, _target(), repo=REPO)
     assert [c.kwargs["revision"] for c in fake.api.create_commit.call_args_list] == ["6_5", "5_0"]  # type: ignore[attr-defined]
-    assert set(json.loads((work / "state.json").read_text())["published"]) == {"main", "8_0", "6_5", "5_0"}
+    published = json.loads((work / "state.json").read_text())["published"]
+    assert {b for b, r in published.items() if r[hub_id]["verified"]} == {"main", "8_0", "6_5", "5_0"}
+    assert "error" not in published["6_5"][hub_id]
 
 
 def test_commit_that_landed_before_the_error_is_not_repeated(tmp_path: Path, fake: FakeHub) -> None:

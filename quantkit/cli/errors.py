@@ -76,6 +76,8 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.DiskTooSmall: lambda x: f"{x.path} has {x.free / 1024**3:.1f} GiB free but the plan needs {x.needed / 1024**3:.1f} GiB: free space or pick another --work folder",
     e.SettingsLocked: lambda x: f"{x.field} changed from {x.recorded!r} to {x.new!r}, which would invalidate finished work: restore it, or pass --force-settings to redo the affected steps",
     e.RecipeUnreadable: lambda x: f"recipe {x.path}: {x.reason}; see `quantkit run --help` for the format",
+    e.PublishFailed: lambda x: f"branch {x.branch} was converted but not published to {x.target}: {format_error(x.cause)} "
+                               "(rerun `quantkit run RECIPE`: it publishes only what is missing)",
 }
 
 

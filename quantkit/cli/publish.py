@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from quantkit import hub
 from quantkit.cli.output import Output
 
 
@@ -34,27 +33,17 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, 
       git -C /tmp/llama3-exl2 log --all --oneline
     """
     from quantkit.card import _hub_id
-    from quantkit.git_target import GitTarget
+    from quantkit.publish import choose_target
     from quantkit.publish import publish as run_publish
     from quantkit.publish import upload_bytes, write_card
-    from quantkit.targets import HubTarget, Target, check_repo_id
+    from quantkit.targets import HubTarget
     from quantkit.workfolder import source_model
 
     out = Output()
-    check_repo_id(repo)
-    target: Target
-    if to is not None:
-        target = GitTarget(to)
-    elif hub.token():
-        hub.ensure_reachable(repo)
-        target = HubTarget(repo, private=private)
-    else:
-        to = work / "hub-repo"
-        target = GitTarget(to)
-        out.warn(f"no Hugging Face token configured: publishing into the local git repository {to} instead "
-                 f"(inspect it with `git -C {to} log --all`; log in with `hf auth login` and rerun to publish to the Hub)")
-    if private and isinstance(target, GitTarget):
-        out.warn("--private applies to the Hub only; the local repository is yours alone")
+    choice = choose_target(work, repo=repo, to=to, private=private)
+    target = choice.target
+    for warning in choice.warnings:
+        out.warn(warning)
     if isinstance(target, HubTarget):
         card = write_card(work, repo, prompt_format=prompt_fmt)
         for line in target.preflight(upload_bytes=upload_bytes(work, card), source=_hub_id(source_model(work)),

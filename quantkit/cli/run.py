@@ -14,6 +14,7 @@ from quantkit.cli.progress import StepProgress
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
 from quantkit.run import load_run_recipe, run_all
+from quantkit.runpublish import BackgroundPublisher, PublishSpec
 from quantkit.units import format_gib
 
 
@@ -23,11 +24,16 @@ from quantkit.units import format_gib
 @click.option("--dry-run", is_flag=True, help="Print the steps, their disk/RAM/VRAM and the reachable bitrates; run nothing.")
 @click.option("--force-settings", is_flag=True, help="Allow settings that invalidate finished work; redoes those steps.")
 def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) -> None:
-    """Run RECIPE: calibration -> measure -> convert each branch -> publish each (publishing: issue 5).
+    """Run RECIPE: calibration -> measure -> convert each branch -> publish each.
 
-    State lives in WORK/state.json (atomic writes). After a crash anywhere, including mid-conversion,
-    the same command resumes where it stopped. Settings that would invalidate finished work are locked
-    unless --force-settings.
+    Publishing works as `quantkit publish` does (main gets measurement.json, README and recipe; each
+    bitrate its own branch), and each branch uploads while the next one converts. Without a [publish]
+    table, or without a Hugging Face token, it publishes into the local git repository WORK/hub-repo.
+
+    State lives in WORK/state.json (atomic writes; "published" says what landed where). After a crash
+    anywhere, including mid-conversion or mid-upload, the same command resumes where it stopped and
+    publishes only what is missing. Settings that would invalidate finished work are locked unless
+    --force-settings.
 
     \b
     Recipe (TOML):
@@ -36,6 +42,8 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
       calibration = "default"         # recipe name or file; calibration_source = "..." for toxic-qna
       rows = 100                      # quant pass; measurement_rows = 16; length = 2048
       branches = "default"            # or a branch-set file, or [[branches]] tables
+      [publish]
+      repo = "alice/Llama-3-8B-exl2"  # private = true; or to = "exl2-repo" (a local git repo)
     \b
     Examples:
       quantkit run llama3.toml --dry-run
@@ -50,23 +58,24 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
     if dry_run:
         p = Pipeline(r.settings, folder)
         say_adapter(out, p)
-        out.rich(dry_run_plan(p))
+        out.rich(dry_run_plan(p, r.publish))
         return
     start = time.monotonic()
+    publisher = BackgroundPublisher(folder, r.publish, say=out.info)  # a bad repo id fails before any work
     with StepProgress(out) as view:
         p = Pipeline(r.settings, folder, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)
-        results = run_all(p)
+        results = run_all(p, publisher)
     total = time.monotonic() - start
     for res in results:
-        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder} (not published: issue 5)")
+        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder}, published to {publisher.target.id}")
     own = total - p.converter_seconds
     out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
 
 
-def dry_run_plan(p: Pipeline) -> Table:
-    d = plan_dry_run(p)
+def dry_run_plan(p: Pipeline, publish: PublishSpec) -> Table:
+    d = plan_dry_run(p, publish)
     t = Table(title=f"Plan for {p.model.name} in {p.work.root}")
     for col in ("Step", "State", "Disk", "System RAM", "VRAM (convert)", "VRAM (load, 4k fp16)"):
         t.add_column(col)
@@ -81,5 +90,6 @@ def dry_run_plan(p: Pipeline) -> Table:
     notes = [f"{s.step}: {s.note}" for s in d.steps if s.note]
     if notes:
         t.caption = "\n".join([t.caption, *notes])
+    t.caption += f"\npublish to {d.publish_target}" + "".join(f"\nwarning: {w}" for w in d.publish_warnings)
     return t
 
