@@ -13,8 +13,6 @@ is only ever updated under a file lock with an atomic replace, merging with what
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 from filelock import FileLock
 
 from quantkit.errors import ConfigUnreadable
+from quantkit.files import write_text_atomic
 
 MEASUREMENT = "measurement.json"
 PROVENANCE = "measurement.provenance.json"
@@ -89,19 +88,6 @@ def source_model(work: Path) -> str | None:
 # ---- state.json -------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def update_state(work: Path, change: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """Read state.json, apply `change` to it in place, write it back atomically; returns the new state.
 
@@ -112,5 +98,5 @@ def update_state(work: Path, change: Callable[[dict[str, Any]], None]) -> dict[s
     with FileLock(str(path) + ".lock"):
         state = read_json(path)
         change(state)
-        _atomic_write(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(path, json.dumps(state, indent=2, sort_keys=True) + "\n")
     return state
