@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict
 from quantkit import EXLLAMAV2_VERSION
 from quantkit.branches import Branch, default_branches
 from quantkit.errors import CardInvalid, WorkFolderIncomplete
+from quantkit.eval.card import CardQuality, card_quality
+from quantkit.eval.core import failed_branches
 from quantkit.model import Model, load_model
 from quantkit.plan import Plan, make_plan
 from quantkit.prompt_format import PromptFormat, prompt_format
@@ -53,6 +55,7 @@ class CardSpec(BaseModel):
     source_card: str | None
     notes: list[str]  # said on screen, never in the card
     adapter: str | None = None  # issue 6: the architecture adapter exllamav2 needed, and its status
+    quality: CardQuality | None = None  # KL / PPL per branch and the chart, once evaluated
 
 
 def _hub_id(ref: str | None) -> str | None:
@@ -181,6 +184,9 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
     work = path if is_work_folder(path) else None
     source_ref = source_model(work) if work is not None else str(ref)
     names = converted_branches(work) if work is not None else []
+    if work is not None:  # a branch that failed its evaluation is never published, so never offered
+        failed = failed_branches(work)
+        names = [n for n in names if n not in failed]
     if work is not None and source_ref is None and not names:
         raise WorkFolderIncomplete(work, "no source model recorded and no converted branch",
                                    "run `quantkit measure MODEL --work WORK` first, or pass the model folder instead")
@@ -217,10 +223,11 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
         adapter = recorded
     if adapter is not None:
         notes.append(f"architecture adapter: {adapter}")
+    shown_repo = repo or f"USER/{(hub_id or str(source_ref)).rstrip('/').split('/')[-1]}-exl2"
     return CardSpec(
         source=hub_id or (folder.name if folder is not None else str(source_ref)),
         base_model=hub_id,
-        repo=repo or f"USER/{(hub_id or str(source_ref)).rstrip('/').split('/')[-1]}-exl2",
+        repo=shown_repo,
         quantized_by=repo.split("/")[0] if repo else None,
         license=getattr(data, "license", None),
         license_name=getattr(data, "license_name", None),
@@ -235,6 +242,7 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
         source_card=(src.text.strip() or None) if (src is not None and include_source_card) else None,
         notes=notes,
         adapter=adapter,
+        quality=card_quality(work, shown_repo) if work is not None and names else None,
     )
 
 
@@ -273,7 +281,8 @@ def render_card(spec: CardSpec) -> str:
         prompt_text=spec.prompt.text.rstrip("\n"),
         cache_statement=cache_statement(spec.plan, spec.cache),
         planned=not spec.converted,
-        table=markdown_table(spec.plan, spec.cache, sizes=spec.sizes),
+        table=markdown_table(spec.plan, spec.cache, sizes=spec.sizes, extra=spec.quality.columns if spec.quality else None),
+        quality=spec.quality,
         repo=spec.repo,
         example=example,
         folder=f"{spec.repo.split('/')[-1]}-{example}",

@@ -417,3 +417,37 @@ class PublishFailed(QuantkitError):
         self.branch = branch
         self.target = target
         self.cause = cause
+
+
+# ---- evaluation: KL / perplexity per branch -------------------------------------------------------------
+
+
+class EvalTextTooShort(QuantkitError):
+    def __init__(self, source: str, tokens: int, rows: int, length: int) -> None:
+        super().__init__(f"evaluation text {source}: {tokens} tokens, fewer than {rows} x {length}")
+        self.source = source
+        self.tokens = tokens
+        self.rows = rows
+        self.length = length
+
+
+class EvalOverlapsCalibration(QuantkitError):
+    def __init__(self, source: str, share: float, calibration: Path) -> None:
+        super().__init__(f"evaluation text {source} overlaps the calibration set {calibration} ({share:.0%})")
+        self.source = source
+        self.share = share
+        self.calibration = calibration
+
+
+class NotAnExl2Branch(QuantkitError):
+    def __init__(self, folder: Path, reason: str) -> None:
+        super().__init__(f"{folder}: {reason}")
+        self.folder = folder
+        self.reason = reason
+
+
+class EvalReferenceFailed(QuantkitError):
+    def __init__(self, model: str, reason: str) -> None:
+        super().__init__(f"reference logits of {model}: {reason}")
+        self.model = model
+        self.reason = reason

@@ -20,14 +20,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from quantkit import eval as eval_report
 from quantkit.errors import BranchVerifyFailed, ForeignFiles, InvalidBranchName, WorkFolderIncomplete
+from quantkit.eval.core import failed_branches
 from quantkit.targets import RemoteFile, RetryableError, Target
 from quantkit.workfolder import MEASUREMENT, PROVENANCE, RECIPE, STATE, converted_branches, pick, read_json, update_state
 
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 COMMIT_PREFIX = "quantkit"  # every commit quantkit makes starts with it: how it knows its own files
 CARD_NAME = "README.md"
-MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE)  # the recipe and provenance travel with the measurement
+# the recipe and provenance travel with the measurement; the evaluation's figures and chart, once made
+MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE, eval_report.REPORT_NAME, eval_report.CHART_NAME)
 MAX_ATTEMPTS = 6
 
 
@@ -249,7 +252,10 @@ def publish(work: Path, target: Target, *, repo: str, force: bool = False, promp
             progress: Callable[[str], None] | None = None) -> list[BranchResult]:
     """Publish main, then every converted branch. Call `target.preflight(...)` first for the Hub."""
     say = progress or (lambda _m: None)
-    branches = converted_branches(work)
+    failed = failed_branches(work)
+    for b in failed:
+        say(f"{b}: not published, its evaluation failed (WORK/{eval_report.REPORT_NAME})")
+    branches = [b for b in converted_branches(work) if b not in failed]
     if not branches:
         raise WorkFolderIncomplete(work, "no converted branch in out/", f"run `quantkit convert MODEL --work {work}` first")
     for b in branches:

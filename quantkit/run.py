@@ -10,6 +10,8 @@ A recipe:
     length = 2048
     branches = "default"             # or a branch-set file, or inline [[branch]] tables
 
+    eval = false                     # optional: no evaluation; or an [eval] table (rows, length, source, top_k)
+
     [publish]                        # optional: without it, or without a token, into WORK/hub-repo
     repo = "alice/Llama-3-8B-exl2"   # the Hub repo; private = true to create it private
     # to = "exl2-repo"               # or a local git repository (relative to the recipe)
@@ -25,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from quantkit.branches import Branch, default_branches, load_branch_file
 from quantkit.errors import QuantkitError, RecipeUnreadable
+from quantkit.eval.core import EvalSpec, Evaluation, evaluate_branch
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
@@ -42,6 +45,7 @@ class RunRecipe(BaseModel):
     settings: Settings
     work: Path | None
     publish: PublishSpec = PublishSpec()
+    eval: EvalSpec = EvalSpec()
 
 
 def load_run_recipe(path: Path) -> RunRecipe:
@@ -67,6 +71,7 @@ def load_run_recipe(path: Path) -> RunRecipe:
             raise RecipeUnreadable(path, f"bad branches ({str(exc).splitlines()[0]})") from exc
     work = data.pop("work", None)
     publish = _publish_spec(path, data.pop("publish", {}))
+    evaluation = _eval_spec(path, data.pop("eval", True))
     model = data["model"]
     if not Path(model).is_absolute() and (path.parent / model).is_dir():
         data["model"] = str((path.parent / model).resolve())
@@ -74,7 +79,18 @@ def load_run_recipe(path: Path) -> RunRecipe:
         settings = Settings(**data, branches=branches)
     except ValidationError as exc:
         raise RecipeUnreadable(path, f"bad settings ({str(exc).splitlines()[0]}: {exc.errors()[0]['msg']})") from exc
-    return RunRecipe(settings=settings, work=(path.parent / work) if work else None, publish=publish)
+    return RunRecipe(settings=settings, work=(path.parent / work) if work else None, publish=publish, eval=evaluation)
+
+
+def _eval_spec(path: Path, raw: Any) -> EvalSpec:
+    if isinstance(raw, bool):
+        return EvalSpec(enabled=raw)
+    if not isinstance(raw, dict):
+        raise RecipeUnreadable(path, "eval must be true, false or a table: [eval] with rows, length, source, top_k")
+    try:
+        return EvalSpec(**raw)
+    except ValidationError as exc:
+        raise RecipeUnreadable(path, f"bad [eval] ({exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']})") from exc
 
 
 def _publish_spec(path: Path, raw: Any) -> PublishSpec:
@@ -153,9 +169,13 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
     return f"failed: {record.get('error', 'unknown')}"
 
 
-def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[BranchResult]:
+def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluation: Evaluation | None = None) -> list[BranchResult]:
     """calibration -> measure -> (all branches checked reachable) -> convert each, and with a publisher:
     main once the measurement exists, then each branch uploading while the next one converts.
+
+    With an evaluation, the reference logits come right after the measurement and each branch is
+    evaluated once converted: one that fails is not published (the run goes on with the others), and
+    main is published again at the end with the card's KL/PPL columns, eval.json and the chart.
 
     An upload that failed is raised (PublishFailed) after the conversion in flight finishes; the
     worker is joined before this returns or raises.
@@ -163,14 +183,31 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[B
     p.calibration_set()
     p.measure()
     p.check_branches(p.settings.branches)
+    if evaluation is not None:
+        evaluation.reference()
+    results: list[BranchResult] = []
+
+    def convert(b: Branch) -> bool:
+        """Convert (and evaluate) one branch; whether it may be published."""
+        results.append(p.convert(b))
+        if evaluation is None:
+            return True
+        ev = evaluate_branch(evaluation, b.name, results[-1].folder)
+        p.state.mark(f"eval:{b.name}", ev.status, **({"error": ev.error} if ev.error else {"kl_mean": ev.kl_mean}))
+        return ev.status == "done"
+
     if publisher is None:
-        return [p.convert(b) for b in p.settings.branches]
-    results = []
+        for b in p.settings.branches:
+            convert(b)
+        return results
     with publisher:
         publisher.begin()
         for b in p.settings.branches:
-            results.append(p.convert(b))
+            ok = convert(b)
             publisher.check()  # an earlier upload failed: stop before the next conversion
-            publisher.submit(b.name)
+            if ok:
+                publisher.submit(b.name)
         publisher.finish()
+        if evaluation is not None:
+            publisher.refresh_main()
     return results

@@ -84,6 +84,14 @@ class BackgroundPublisher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-publish")
         return result
 
+    def refresh_main(self) -> pub.BranchResult:
+        """`main` again, after `finish()`, with the card and files as they are now (the evaluation's
+        columns, eval.json and its chart); makes no commit when nothing changed."""
+        self.card = pub.write_card(self.work, self.spec.repo, prompt_format=self.spec.prompt_format)
+        result = pub.publish_main(self.work, self.target, self.card, hashes=self.hashes)
+        self.say(pub.said(result, self.target))
+        return result
+
     def submit(self, branch: str) -> None:
         """Queue `branch` for upload; returns at once."""
         assert self._pool is not None, "begin() first"

@@ -12,11 +12,16 @@ def context_label(ctx: int) -> str:
     return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
 
 
-def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = None) -> str:
-    """The seed card's "Available sizes" table for one cache mode (GiB, as those cards meant by "GB")."""
+def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = None,
+                   extra: dict[str, dict[str, str]] | None = None) -> str:
+    """The seed card's "Available sizes" table for one cache mode (GiB, as those cards meant by "GB").
+
+    `extra`: more columns after Size, {heading: {branch: cell}} (the card's KL and PPL); "-" where a
+    branch has no cell."""
+    extra = extra or {}
     rows = [r for r in plan.rows if r.cache == cache]
     contexts = sorted({r.context for r in rows})
-    head = ["Branch", "Bits", "lm_head bits"] + (["Size"] if sizes else []) + [f"VRAM ({context_label(c)})" for c in contexts] + ["Description"]
+    head = ["Branch", "Bits", "lm_head bits"] + (["Size"] if sizes else []) + list(extra) + [f"VRAM ({context_label(c)})" for c in contexts] + ["Description"]
     lines = [" | ".join(head) + " |", "|".join(["---"] * len(head)) + "|"]
     branches = list(dict.fromkeys(r.branch for r in rows))
     for br in branches:
@@ -25,6 +30,7 @@ def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = Non
         line = [br, f"{first.bits:g}" if first.bits % 1 else f"{first.bits:.1f}", str(first.head_bits)]
         if sizes:
             line.append(format_gib(sizes.get(br, 0)))
+        line += [cells_.get(br, "-") for cells_ in extra.values()]
         line += [format_gib(cells[c].total_bytes) for c in contexts]
         line.append(plan.descriptions.get(br, ""))
         lines.append(" | ".join(line) + " |")

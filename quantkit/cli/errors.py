@@ -76,6 +76,11 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.DiskTooSmall: lambda x: f"{x.path} has {x.free / 1024**3:.1f} GiB free but the plan needs {x.needed / 1024**3:.1f} GiB: free space or pick another --work folder",
     e.SettingsLocked: lambda x: f"{x.field} changed from {x.recorded!r} to {x.new!r}, which would invalidate finished work: restore it, or pass --force-settings to redo the affected steps",
     e.RecipeUnreadable: lambda x: f"recipe {x.path}: {x.reason}; see `quantkit run --help` for the format",
+    # evaluation: KL / perplexity per branch
+    e.EvalTextTooShort: lambda x: f"evaluation text {x.source} holds {x.tokens} tokens, fewer than rows x length = {x.rows} x {x.length} = {x.rows * x.length}: pass a longer --source, or lower --rows/--length",
+    e.EvalOverlapsCalibration: lambda x: f"{x.share:.0%} of the evaluation text {x.source} is also in the calibration set {x.calibration}, so the figures would flatter the quants: evaluate on other text (--source), or pass --allow-overlap to go on with a warning",
+    e.NotAnExl2Branch: lambda x: f"{x.folder} is not a converted EXL2 model ({x.reason}): name a branch folder that `quantkit convert` wrote (WORK/out/<branch>)",
+    e.EvalReferenceFailed: lambda x: f"the unquantized model's reference logits could not be computed ({x.model}: {x.reason}); nothing was evaluated: fix the cause and rerun `quantkit eval WORK`, finished parts are kept",
     e.PublishFailed: lambda x: f"branch {x.branch} was converted but not published to {x.target}: {format_error(x.cause)} "
                                "(rerun `quantkit run RECIPE`: it publishes only what is missing)",
 }

@@ -47,6 +47,7 @@ def cli() -> None:
 
 def _mount() -> None:
     from quantkit.cli import archs, calibration, card, measure, publish, run, vram
+    from quantkit.cli.eval import eval_cmd
 
     cli.add_command(vram.vram)
     cli.add_command(archs.archs)
@@ -56,6 +57,7 @@ def _mount() -> None:
     cli.add_command(measure.measure)
     cli.add_command(measure.convert)
     cli.add_command(run.run)
+    cli.add_command(eval_cmd)
 
 
 _mount()

@@ -11,6 +11,7 @@ from rich.table import Table
 from quantkit.cli.measure import say_adapter
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
+from quantkit.eval.core import failed_branches, for_pipeline
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
 from quantkit.run import load_run_recipe, run_all
@@ -66,10 +67,13 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
         p = Pipeline(r.settings, folder, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)
-        results = run_all(p, publisher)
+        evaluation = for_pipeline(p, r.eval, say=view.progress.console.print) if r.eval.enabled else None
+        results = run_all(p, publisher, evaluation)
     total = time.monotonic() - start
+    failed = failed_branches(folder) if evaluation is not None else []
     for res in results:
-        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder}, published to {publisher.target.id}")
+        where = f"NOT published: its evaluation failed ({folder / 'eval.json'})" if res.branch in failed else f"published to {publisher.target.id}"
+        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder}, {where}")
     own = total - p.converter_seconds
     out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
 

@@ -1,0 +1,402 @@
+"""`quantkit eval WORK`: every branch against the unquantized model, resumable, in WORK/eval.json.
+
+Layout:
+  WORK/eval/tokens.safetensors        the evaluation rows (int32, rows x length)
+  WORK/eval/reference/row-*.safetensors  the reference's top-k log-probs per row (computed once)
+  WORK/eval/reference.json            the reference's result; its `key` says which text/model/k it is for
+  WORK/eval/branches/<branch>.json    one result per branch (done or failed), keyed the same way
+  WORK/eval/job.json                  what the worker was last asked to do
+  WORK/eval.json                      the report: text hash, token count, exllamav2 version, per branch
+  WORK/eval.svg                       the chart (KL and perplexity against bits and size), published on main
+
+Every result carries a key (the text's sha256, rows x length, the tokenizer, the reference's model
+fingerprint and top-k, and for a branch its quantkit.json and shard sizes): a rerun reuses what matches
+and recomputes the rest, so a kill anywhere costs at most the task in flight.
+
+The worker (`quantkit.eval.worker`) is a subprocess, the seam tests point elsewhere with
+QUANTKIT_EVAL_WORKER (shell words), like QUANTKIT_CONVERTER for the converter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from quantkit.errors import EvalReferenceFailed, NotAnExl2Branch
+from quantkit.eval import CHART_NAME, REPORT_NAME
+from quantkit.eval import text as evtext
+from quantkit.files import read_json, write_json_atomic
+
+WORKER_ENV = "QUANTKIT_EVAL_WORKER"
+REFERENCE = "reference"
+
+ReferenceMode = Literal["auto", "full", "layers", "transformers"]
+#: Called with one line to say on screen.
+Say = Callable[[str], None]
+#: Called with (task, row, rows) as rows finish.
+OnRow = Callable[[str, int, int], None]
+
+
+class EvalSpec(BaseModel):
+    """How to evaluate; a recipe's `[eval]` table (or `eval = false`) and `quantkit eval`'s options."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = True
+    source: str | None = None  # None: the bundled held-out sample
+    rows: int = 20
+    length: int = 2048
+    top_k: int = 100  # reference log-probs kept per token
+    reference: ReferenceMode = "auto"
+    allow_overlap: bool = False
+
+    @field_validator("rows", "length", "top_k")
+    @classmethod
+    def _positive(cls, v: int, info: Any) -> int:
+        from quantkit.calibration import check_count
+
+        return check_count(info.field_name, v)
+
+
+class BranchEval(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    branch: str
+    status: Literal["done", "failed"]
+    error: str | None = None
+    mode: str | None = None  # full | layers
+    bits: float | None = None
+    head_bits: int | None = None
+    achieved_bpw: float | None = None
+    bytes: int | None = None
+    perplexity: float | None = None
+    kl_mean: float | None = None
+    kl_median: float | None = None
+    kl_p99: float | None = None
+    top1_agreement: float | None = None
+
+
+class EvalReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    version: int = 1
+    text: dict[str, Any]  # name, sha256, rows, length, tokens, tokenizer_sha256
+    exllamav2_version: str
+    reference: dict[str, Any]  # mode, perplexity, model
+    top_k: int
+    branches: dict[str, BranchEval] = Field(default_factory=dict)
+
+    def failed(self) -> list[str]:
+        return [b for b, r in self.branches.items() if r.status == "failed"]
+
+
+# ---- reading a work folder's results ------------------------------------------------------------------
+
+
+def read_report(work: Path) -> EvalReport | None:
+    path = work / REPORT_NAME
+    if not path.is_file():
+        return None
+    try:
+        return EvalReport(**read_json(path))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def failed_branches(work: Path) -> list[str]:
+    """Branches whose evaluation failed: never published."""
+    report = read_report(work)
+    return report.failed() if report is not None else []
+
+
+# ---- the memory plan ----------------------------------------------------------------------------------
+
+
+def _needs(folder: Path, length: int) -> dict[str, int]:
+    """VRAM for the whole model at one row of `length` (no cache), and for its largest module alone."""
+    from quantkit.model import load_model
+    from quantkit.vram import (CUDA_CONTEXT_BYTES, activation_bytes, decoder_linears, header_weight_bytes,
+                               lm_head_bytes, norms_and_biases_bytes)
+
+    m = load_model(folder)
+    shape, spec = m.shape, m.spec
+    logits = length * shape.vocab * (2 + 4)  # exllamav2's fp16 logits, and their float32 copy
+    fixed = activation_bytes(shape, length) + logits + CUDA_CONTEXT_BYTES
+    lin = decoder_linears(shape, spec)
+    if m.is_exl2 and m.tensors:
+        decoder, head, other = header_weight_bytes(m)
+        layer = decoder // max(shape.layers, 1)
+    else:
+        layer = sum(i * o for i, o in lin) * 2
+        decoder, head, other = layer * shape.layers, shape.vocab * shape.hidden * 2, norms_and_biases_bytes(shape, spec)
+    return {"full": decoder + head + other + fixed, "layers": max(layer, head) + fixed}
+
+
+# ---- the evaluation -------------------------------------------------------------------------------------
+
+
+def worker_command() -> list[str]:
+    custom = os.environ.get(WORKER_ENV, "").strip()
+    return shlex.split(custom) if custom else [sys.executable, "-m", "quantkit.eval.worker"]
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _branch_key(folder: Path) -> str:
+    shards = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors"))
+    qk = folder / "quantkit.json"
+    return _sha({"shards": shards, "quantkit": qk.read_text(encoding="utf-8") if qk.is_file() else None})
+
+
+def check_branch(folder: Path) -> dict[str, Any]:
+    """The branch's config.json `quantization_config`, or NotAnExl2Branch naming what is missing."""
+    if not folder.is_dir():
+        raise NotAnExl2Branch(folder, "no such folder")
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise NotAnExl2Branch(folder, "no config.json")
+    try:
+        qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except (OSError, ValueError) as exc:
+        raise NotAnExl2Branch(folder, f"config.json is not JSON ({type(exc).__name__})") from exc
+    if qc.get("quant_method") != "exl2":
+        raise NotAnExl2Branch(folder, "config.json has no exl2 quantization_config")
+    if not any(folder.glob("*.safetensors")):
+        raise NotAnExl2Branch(folder, "no *.safetensors")
+    return dict(qc)
+
+
+class Evaluation:
+    """One work folder's evaluation: the text, the reference and each branch, cached in WORK/eval/.
+
+    Args:
+        work: the work folder.
+        source_dir: the unquantized model exllamav2 loads for the reference (the adapter's working copy
+            when the model needed one: what the branches were converted from).
+        tokenizer_dir: where tokenizer.json and config.json (BOS) are read.
+        calibration: the calibration Parquet the evaluation text must not repeat.
+    """
+
+    def __init__(self, work: Path, spec: EvalSpec, *, source_dir: Path, tokenizer_dir: Path, fingerprint: str,
+                 calibration: Path, say: Say | None = None, on_row: OnRow | None = None) -> None:
+        self.work = work
+        self.spec = spec
+        self.source_dir = source_dir
+        self.tokenizer_dir = tokenizer_dir
+        self.fingerprint = fingerprint
+        self.calibration = calibration
+        self.say = say or (lambda _m: None)
+        self.on_row = on_row or (lambda _t, _r, _n: None)
+        self.dir = work / "eval"
+        self._text: dict[str, Any] | None = None
+
+    # ---- text and reference ---------------------------------------------------------------------------
+
+    def prepare_text(self) -> dict[str, Any]:
+        """Tokenize the evaluation text into WORK/eval/tokens.safetensors (once per text and shape)."""
+        if self._text is not None:
+            return self._text
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        s = self.spec
+        text = evtext.load_text(s.source)
+        tokens = evtext.tokenize(text, self.tokenizer_dir, rows=s.rows, length=s.length)
+        warning = evtext.check_overlap(text, evtext.used_text(tokens, self.tokenizer_dir), self.calibration, allow=s.allow_overlap)
+        if warning:
+            self.say(f"warning: {warning}")
+        info = {"name": text.name, "sha256": text.sha256, **evtext.as_dict(tokens), "tokenizer_sha256": tokens.tokenizer_sha256}
+        path = self.dir / "tokens.safetensors"
+        meta = self.dir / "tokens.json"
+        if not (path.is_file() and meta.is_file() and read_json(meta) == info):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"input_ids": np.asarray(tokens.rows, dtype=np.int32)}, str(tmp))
+            tmp.replace(path)
+            write_json_atomic(meta, info)
+        self._text = info
+        return info
+
+    def _key(self) -> str:
+        return _sha({"text": self.prepare_text(), "model": self.fingerprint, "top_k": self.spec.top_k, "how": self.spec.reference})
+
+    def _ref_done(self) -> dict[str, Any] | None:
+        path = self.dir / "reference.json"
+        if path.is_file():
+            r = read_json(path)
+            if r.get("key") == self._key() and r.get("status") == "done":
+                return r
+        return None
+
+    def reference(self) -> dict[str, Any]:
+        """The reference's result, computed (and its rows cached) when missing.
+
+        Raises:
+            EvalReferenceFailed.
+        """
+        done = self._ref_done()
+        if done is not None:
+            return done
+        task = {"name": REFERENCE, "kind": REFERENCE, "folder": str(self.source_dir), "key": self._key(),
+                "mode": self.spec.reference, "top_k": self.spec.top_k, "needs": _needs(self.source_dir, self.spec.length),
+                "out": str(self.dir / "reference.json")}
+        self._run([task])
+        r = read_json(self.dir / "reference.json") if (self.dir / "reference.json").is_file() else {}
+        if r.get("key") != self._key() or r.get("status") != "done":
+            raise EvalReferenceFailed(self.source_dir.name, str(r.get("error") or "the worker wrote no result"))
+        return r
+
+    # ---- branches ---------------------------------------------------------------------------------------
+
+    def branches(self, folders: dict[str, Path]) -> dict[str, BranchEval]:
+        """Each branch's result, reusing cached ones; a branch that fails is a `failed` result, not an error.
+
+        Raises:
+            NotAnExl2Branch (before anything runs), EvalReferenceFailed.
+        """
+        qcs = {name: check_branch(folder) for name, folder in folders.items()}
+        ref = self.reference()
+        todo, results = [], {}
+        for name, folder in folders.items():
+            key = _sha({"eval": ref["key"], "branch": _branch_key(folder)})
+            out = self.dir / "branches" / f"{name}.json"
+            cached = read_json(out) if out.is_file() else {}
+            if cached.get("key") == key:
+                results[name] = cached
+                continue
+            out.unlink(missing_ok=True)
+            todo.append({"name": name, "kind": "branch", "folder": str(folder), "key": key, "mode": "auto",
+                         "needs": _needs(folder, self.spec.length), "out": str(out)})
+        if todo:
+            self._run(todo)
+        for task in todo:
+            out = Path(task["out"])
+            results[task["name"]] = read_json(out) if out.is_file() else {
+                "status": "failed", "error": "the evaluation worker died while evaluating it"}
+        evals = {name: self._branch_eval(name, folders[name], qcs[name], results[name]) for name in folders}
+        for name, ev in evals.items():
+            if ev.status == "failed":
+                self.say(f"{name}: evaluation failed ({ev.error}): it will not be published")
+        return evals
+
+    @staticmethod
+    def _branch_eval(name: str, folder: Path, qc: dict[str, Any], r: dict[str, Any]) -> BranchEval:
+        qk = read_json(folder / "quantkit.json") if (folder / "quantkit.json").is_file() else {}
+        figures = {k: r.get(k) for k in ("perplexity", "kl_mean", "kl_median", "kl_p99", "top1_agreement")}
+        return BranchEval(branch=name, status=r.get("status", "failed"), error=r.get("error"), mode=r.get("mode"),
+                          bits=qk.get("bits", qc.get("bits")), head_bits=qk.get("head_bits", qc.get("head_bits")),
+                          achieved_bpw=qk.get("achieved_decoder_bpw"),
+                          bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")), **figures)
+
+    def _run(self, tasks: list[dict[str, Any]]) -> None:
+        """One worker for `tasks`; when it dies mid-way, the task in flight is left without a result (the
+        caller marks it failed) and a new worker takes the rest."""
+        from quantkit.exl2.runtime import exllamav2_env, notice_once
+
+        env = exllamav2_env()
+        note = notice_once()
+        if note:
+            self.say(note)
+        remaining = list(tasks)
+        while remaining:
+            job = {"tokens": str(self.dir / "tokens.safetensors"), "reference": str(self.dir / REFERENCE), "tasks": remaining}
+            write_json_atomic(self.dir / "job.json", job)
+            log = (self.dir / "worker.log").open("a", encoding="utf-8")
+            with subprocess.Popen([*worker_command(), str(self.dir / "job.json")], stdout=subprocess.PIPE, stderr=log,
+                                  stdin=subprocess.DEVNULL, env=env, text=True) as proc:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    self._event(line)
+                code = proc.wait()
+            log.close()
+            finished = [t for t in remaining if Path(t["out"]).is_file()]
+            if len(finished) == len(remaining):
+                return
+            # The first task without a result is the one the worker died in: the others go on.
+            dead = next(t for t in remaining if not Path(t["out"]).is_file())
+            write_json_atomic(Path(dead["out"]), {"name": dead["name"], "key": dead["key"], "status": "failed",
+                                                  "error": f"the evaluation worker exited with status {code} while on it "
+                                                           f"(log: {self.dir / 'worker.log'})"})
+            remaining = [t for t in remaining if not Path(t["out"]).is_file()]
+
+    def _event(self, line: str) -> None:
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            return
+        if ev.get("event") == "plan":
+            what = "the unquantized model" if ev["task"] == REFERENCE else ev["task"]
+            how = {"full": "exllamav2, whole model", "layers": "exllamav2, module by module",
+                   "transformers": "transformers on the CPU", "none": "not evaluated"}.get(ev["mode"], ev["mode"])
+            self.say(f"eval {what}: {how} ({ev['why']})")
+        elif ev.get("event") == "row":
+            self.on_row(ev["task"], int(ev["row"]), int(ev["rows"]))
+
+    # ---- the report -------------------------------------------------------------------------------------
+
+    def report(self, evals: dict[str, BranchEval]) -> EvalReport:
+        """Merge `evals` into WORK/eval.json (branches evaluated earlier stay) and redraw the chart."""
+        from quantkit.eval.chart import write_chart
+
+        ref = self.reference()
+        old = read_report(self.work)
+        branches = dict(old.branches) if old is not None and old.text.get("sha256") == self.prepare_text()["sha256"] else {}
+        branches.update(evals)
+        report = EvalReport(text=self.prepare_text(), exllamav2_version=str(ref.get("exllamav2_version", "unknown")), top_k=self.spec.top_k,
+                            reference={"model": self.source_dir.name, "mode": ref.get("mode"), "perplexity": ref.get("perplexity")},
+                            branches=dict(sorted(branches.items(), key=lambda kv: -(kv[1].bits or 0))))
+        write_json_atomic(self.work / REPORT_NAME, report.model_dump(mode="json"))
+        write_chart(report, self.work / CHART_NAME)
+        return report
+
+
+
+# ---- from a pipeline / a work folder ----------------------------------------------------------------------
+
+
+def for_pipeline(p: Any, spec: EvalSpec, *, say: Say | None = None, on_row: OnRow | None = None) -> Evaluation:
+    """The evaluation of `p`'s work folder (a `quantkit.pipeline.Pipeline`). The reference is what the
+    branches were converted from: the adapter's working copy when the model needed one."""
+    source = p.converter_input() if p.adapter is not None else p.model_dir
+    write_json_atomic(p.work.root / "eval" / "spec.json", spec.model_dump(mode="json"))
+    return Evaluation(p.work.root, spec, source_dir=source, tokenizer_dir=p.model_dir, fingerprint=p.fingerprint,
+                      calibration=p.work.calibration / "calibration.parquet", say=say, on_row=on_row)
+
+
+def recorded_spec(work: Path) -> dict[str, Any]:
+    """The spec the last evaluation of `work` used (what `quantkit run` wrote), as defaults for `quantkit eval`."""
+    path = work / "eval" / "spec.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def open_work(work: Path) -> Any:
+    """The Pipeline of an existing work folder, from its recipe.json.
+
+    Raises:
+        WorkFolderIncomplete: no recipe.json (nothing was measured or converted there).
+    """
+    from quantkit.errors import WorkFolderIncomplete
+    from quantkit.pipeline import Pipeline, Settings
+
+    recipe = work / "recipe.json"
+    if not recipe.is_file():
+        raise WorkFolderIncomplete(work, "no recipe.json", "run `quantkit run RECIPE` or `quantkit measure MODEL --work WORK` first")
+    return Pipeline(Settings(**read_json(recipe)["settings"]), work)
+
+
+def evaluate_branch(evaluation: Evaluation, branch: str, folder: Path) -> BranchEval:
+    """One branch, merged into WORK/eval.json at once (so a kill later keeps it)."""
+    result = evaluation.branches({branch: folder})[branch]
+    evaluation.report({branch: result})
+    return result
