@@ -78,9 +78,9 @@ def eval_cmd(work: Path, branches: tuple[str, ...], source: str | None, rows: in
     for folder in folders.values():
         check_branch(folder)
     with RowProgress(out) as view:
-        evaluation = for_pipeline(p, spec, say=view.say if fmt != "json" else out.info, on_row=view)
-        results = evaluation.branches(folders)
-        report = evaluation.report(results)
+        with for_pipeline(p, spec, say=view.say if fmt != "json" else out.info, on_row=view) as evaluation:
+            results = evaluation.branches(folders)
+            report = evaluation.report(results)
     if fmt == "json":
         out.json(report.model_dump(mode="json"))
         return

@@ -67,8 +67,12 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
         p = Pipeline(r.settings, folder, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)
-        evaluation = for_pipeline(p, r.eval, say=view.progress.console.print) if r.eval.enabled else None
-        results = run_all(p, publisher, evaluation)
+        evaluation = for_pipeline(p, r.eval, say=lambda m: view.progress.console.print(m, markup=False, highlight=False)) if r.eval.enabled else None
+        try:
+            results = run_all(p, publisher, evaluation)
+        finally:
+            if evaluation is not None:
+                evaluation.close()
     total = time.monotonic() - start
     failed = failed_branches(folder) if evaluation is not None else []
     for res in results:

@@ -5,7 +5,7 @@ Layout:
   WORK/eval/reference/row-*.safetensors  the reference's top-k log-probs per row (computed once)
   WORK/eval/reference.json            the reference's result; its `key` says which text/model/k it is for
   WORK/eval/branches/<branch>.json    one result per branch (done or failed), keyed the same way
-  WORK/eval/job.json                  what the worker was last asked to do
+  WORK/eval/worker.log                the worker's stderr (exllamav2's own output)
   WORK/eval.json                      the report: text hash, token count, exllamav2 version, per branch
   WORK/eval.svg                       the chart (KL and perplexity against bits and size), published on main
 
@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from quantkit.errors import EvalReferenceFailed, NotAnExl2Branch
+from quantkit.errors import EvalReferenceFailed, NotAnExl2Branch, QuantkitError
 from quantkit.eval import CHART_NAME, REPORT_NAME
 from quantkit.eval import text as evtext
 from quantkit.files import read_json, write_json_atomic
@@ -200,6 +200,8 @@ class Evaluation:
         self.on_row = on_row or (lambda _t, _r, _n: None)
         self.dir = work / "eval"
         self._text: dict[str, Any] | None = None
+        self._proc: subprocess.Popen[str] | None = None
+        self._log: Any = None
 
     # ---- text and reference ---------------------------------------------------------------------------
 
@@ -213,7 +215,7 @@ class Evaluation:
         s = self.spec
         text = evtext.load_text(s.source)
         tokens = evtext.tokenize(text, self.tokenizer_dir, rows=s.rows, length=s.length)
-        warning = evtext.check_overlap(text, evtext.used_text(tokens, self.tokenizer_dir), self.calibration, allow=s.allow_overlap)
+        warning = evtext.check_overlap(text, tokens.used, self.calibration, allow=s.allow_overlap)
         if warning:
             self.say(f"warning: {warning}")
         info = {"name": text.name, "sha256": text.sha256, **evtext.as_dict(tokens), "tokenizer_sha256": tokens.tokenizer_sha256}
@@ -259,13 +261,14 @@ class Evaluation:
 
     # ---- branches ---------------------------------------------------------------------------------------
 
-    def branches(self, folders: dict[str, Path]) -> dict[str, BranchEval]:
+    def branches(self, folders: dict[str, Path], *, check: bool = True) -> dict[str, BranchEval]:
         """Each branch's result, reusing cached ones; a branch that fails is a `failed` result, not an error.
+        `check=False` takes any folder exllamav2 loads (the unquantized model against itself: KL 0).
 
         Raises:
             NotAnExl2Branch (before anything runs), EvalReferenceFailed.
         """
-        qcs = {name: check_branch(folder) for name, folder in folders.items()}
+        qcs = {name: check_branch(folder) if check else {} for name, folder in folders.items()}
         ref = self.reference()
         todo, results = [], {}
         for name, folder in folders.items():
@@ -276,8 +279,13 @@ class Evaluation:
                 results[name] = cached
                 continue
             out.unlink(missing_ok=True)
+            try:
+                needs = _needs(folder, self.spec.length)
+            except QuantkitError as exc:  # its headers or config do not read: it cannot load either
+                results[name] = {"status": "failed", "error": f"does not load: {exc}"}
+                continue
             todo.append({"name": name, "kind": "branch", "folder": str(folder), "key": key, "mode": "auto",
-                         "needs": _needs(folder, self.spec.length), "out": str(out)})
+                         "needs": needs, "out": str(out)})
         if todo:
             self._run(todo)
         for task in todo:
@@ -299,42 +307,75 @@ class Evaluation:
                           achieved_bpw=qk.get("achieved_decoder_bpw"),
                           bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")), **figures)
 
-    def _run(self, tasks: list[dict[str, Any]]) -> None:
-        """One worker for `tasks`; when it dies mid-way, the task in flight is left without a result (the
-        caller marks it failed) and a new worker takes the rest."""
+    def _worker(self) -> subprocess.Popen[str]:
+        """The worker process, started on first use and again after it died."""
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
         from quantkit.exl2.runtime import exllamav2_env, notice_once
 
-        env = exllamav2_env()
         note = notice_once()
         if note:
             self.say(note)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self._log is None:
+            self._log = (self.dir / "worker.log").open("a", encoding="utf-8")
+        self._proc = subprocess.Popen(worker_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+                                      env=exllamav2_env(), text=True, bufsize=1)
+        return self._proc
+
+    def _run(self, tasks: list[dict[str, Any]]) -> None:
+        """`tasks` through the worker; when it dies mid-way, the task in flight gets a failed result and a
+        new worker takes the rest."""
         remaining = list(tasks)
         while remaining:
+            proc = self._worker()
+            assert proc.stdin is not None and proc.stdout is not None
             job = {"tokens": str(self.dir / "tokens.safetensors"), "reference": str(self.dir / REFERENCE), "tasks": remaining}
-            write_json_atomic(self.dir / "job.json", job)
-            log = (self.dir / "worker.log").open("a", encoding="utf-8")
-            with subprocess.Popen([*worker_command(), str(self.dir / "job.json")], stdout=subprocess.PIPE, stderr=log,
-                                  stdin=subprocess.DEVNULL, env=env, text=True) as proc:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    self._event(line)
+            idle = False
+            try:
+                proc.stdin.write(json.dumps(job) + "\n")
+                proc.stdin.flush()
+                while not idle and (line := proc.stdout.readline()):
+                    idle = self._event(line) == "idle"
+            except BrokenPipeError:
+                pass
+            if not idle:
                 code = proc.wait()
-            log.close()
-            finished = [t for t in remaining if Path(t["out"]).is_file()]
-            if len(finished) == len(remaining):
-                return
-            # The first task without a result is the one the worker died in: the others go on.
-            dead = next(t for t in remaining if not Path(t["out"]).is_file())
-            write_json_atomic(Path(dead["out"]), {"name": dead["name"], "key": dead["key"], "status": "failed",
-                                                  "error": f"the evaluation worker exited with status {code} while on it "
-                                                           f"(log: {self.dir / 'worker.log'})"})
+                self._proc = None
+                # The first task without a result is the one the worker died in: the others go on.
+                dead = next((t for t in remaining if not Path(t["out"]).is_file()), None)
+                if dead is not None:
+                    write_json_atomic(Path(dead["out"]), {"name": dead["name"], "key": dead["key"], "status": "failed",
+                                                          "error": f"the evaluation worker exited with status {code} while on it "
+                                                                   f"(log: {self.dir / 'worker.log'})"})
             remaining = [t for t in remaining if not Path(t["out"]).is_file()]
 
-    def _event(self, line: str) -> None:
+    def close(self) -> None:
+        """End the worker (it exits when its stdin closes)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            assert proc.stdin is not None
+            try:
+                proc.stdin.close()
+                proc.wait(timeout=120)
+            except (OSError, subprocess.TimeoutExpired):
+                proc.kill()
+                proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> Evaluation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _event(self, line: str) -> str | None:
         try:
             ev = json.loads(line)
         except ValueError:
-            return
+            return None
         if ev.get("event") == "plan":
             what = "the unquantized model" if ev["task"] == REFERENCE else ev["task"]
             how = {"full": "exllamav2, whole model", "layers": "exllamav2, module by module",
@@ -342,6 +383,7 @@ class Evaluation:
             self.say(f"eval {what}: {how} ({ev['why']})")
         elif ev.get("event") == "row":
             self.on_row(ev["task"], int(ev["row"]), int(ev["rows"]))
+        return str(ev.get("event"))
 
     # ---- the report -------------------------------------------------------------------------------------
 

@@ -70,8 +70,11 @@ class Exl2Model:
 def transformers_logits(folder: Path, rows: list[Any]) -> Iterator[Any]:
     """The source model's float32 logits on the CPU, row by row (transformers, not exllamav2)."""
     import torch
-    import transformers
 
+    try:
+        import transformers
+    except ImportError:
+        raise RuntimeError("the reference on the CPU needs transformers: pip install transformers") from None
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
     except TypeError:  # transformers < 4.56 names it torch_dtype

@@ -39,6 +39,7 @@ class EvalTokens(BaseModel):
 
     rows: list[list[int]]
     tokenizer_sha256: str
+    used: str  # the part of the text the rows hold (what the overlap check reads)
 
     @property
     def count(self) -> int:
@@ -77,14 +78,15 @@ def tokenize(text: EvalText, model_dir: Path, *, rows: int, length: int) -> Eval
     from quantkit.workfolder import read_json
 
     tokenizer, tok_sha = calibration._tokenizer(model_dir)
-    ids = tokenizer.encode(text.text, add_special_tokens=False).ids
+    enc = tokenizer.encode(text.text, add_special_tokens=False)
+    ids = enc.ids
     bos = read_json(model_dir / "config.json").get("bos_token_id")
     bos = bos if isinstance(bos, int) else None
     per_row = length - (1 if bos is not None else 0)
     if per_row < 2 or len(ids) < rows * per_row:
         raise EvalTextTooShort(text.name, len(ids), rows, length)
     out = [([bos] if bos is not None else []) + ids[i * per_row:(i + 1) * per_row] for i in range(rows)]
-    return EvalTokens(rows=out, tokenizer_sha256=tok_sha)
+    return EvalTokens(rows=out, tokenizer_sha256=tok_sha, used=text.text[:enc.offsets[rows * per_row - 1][1]])
 
 
 def _words(text: str) -> list[str]:
@@ -92,15 +94,17 @@ def _words(text: str) -> list[str]:
 
 
 def overlap(text: str, calibration_texts: list[str]) -> float:
-    """Share of `text`'s word 13-grams (every 13th position) that occur in the calibration texts."""
+    """Share of `text`'s word 13-grams (every 13th position) that occur in the calibration texts; a text
+    shorter than 13 words is one n-gram of its length."""
+    w = _words(text)
+    n = min(NGRAM, len(w))
+    if n == 0:
+        return 0.0
+    probes = [hash(tuple(w[i:i + n])) for i in range(0, len(w) - n + 1, n)]
     seen: set[int] = set()
     for t in calibration_texts:
-        w = _words(t)
-        seen.update(hash(tuple(w[i:i + NGRAM])) for i in range(max(0, len(w) - NGRAM + 1)))
-    w = _words(text)
-    probes = [hash(tuple(w[i:i + NGRAM])) for i in range(0, max(0, len(w) - NGRAM + 1), NGRAM)]
-    if not probes:
-        return 0.0
+        c = _words(t)
+        seen.update(hash(tuple(c[i:i + n])) for i in range(max(0, len(c) - n + 1)))
     return sum(p in seen for p in probes) / len(probes)
 
 
@@ -125,14 +129,6 @@ def check_overlap(text: EvalText, used: str, parquet: Path, *, allow: bool) -> s
         raise EvalOverlapsCalibration(text.name, share, parquet)
     return (f"{share:.0%} of the evaluation text {text.name} is also in the calibration set {parquet}: "
             "the figures flatter the quants")
-
-
-def used_text(tokens: EvalTokens, model_dir: Path) -> str:
-    """The evaluated tokens decoded back, for the overlap check (only what is evaluated counts)."""
-    from quantkit import calibration
-
-    tokenizer, _sha = calibration._tokenizer(model_dir)
-    return "\n".join(tokenizer.decode(r) for r in tokens.rows)
 
 
 def as_dict(tokens: EvalTokens) -> dict[str, Any]:

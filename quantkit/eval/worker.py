@@ -1,14 +1,16 @@
-"""`python -m quantkit.eval.worker JOB.json`: the evaluation's own process (torch and exllamav2 live here).
+"""`python -m quantkit.eval.worker`: the evaluation's own process (torch and exllamav2 live here).
 
-The parent (`quantkit.eval.core`) writes a job file naming the token rows, the reference cache and the
-tasks; this process runs them in order and prints one JSON object per line on stdout (`plan`, `row`,
-`done`). Each task's result is written atomically to its `out` file as soon as it is known, so a worker
+The parent (`quantkit.eval.core`) writes jobs to its stdin, one JSON line each, naming the token rows,
+the reference cache and the tasks; this process runs them in order and prints one JSON object per line on
+stdout (`plan`, `row`, `done`, then `idle`). It lives as long as its parent's evaluation, so a run pays
+for importing torch and exllamav2 once, not once per branch. Each task's result is written atomically to its `out` file as soon as it is known, so a worker
 that dies (a segfault in a kernel, the OOM killer) loses only the task in flight, which the parent then
 marks failed. A branch that fails to load or gives non-finite logits is a result (`status: failed`), not a
 crash: the worker goes on with the next task.
 
-Why a process: a branch that corrupts CUDA state or leaks VRAM cannot take the run or the next branch
-down with it, and `EXLLAMA_NO_SDPA` must be in the environment before exllamav2 is imported.
+Why a process: a branch that crashes it (a kernel's segfault, the OOM killer) cannot take the run down
+with it, the parent starts a new one for the next branch, and `EXLLAMA_NO_SDPA` must be in the
+environment before exllamav2 is imported.
 """
 
 from __future__ import annotations
@@ -109,21 +111,27 @@ def run_task(task: dict[str, Any], rows: list[Any], reference: Path, free: tuple
             model.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    job = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+def main() -> int:
+    """Jobs as JSON lines on stdin, each answered by events and a final `idle`; EOF ends the process."""
     from quantkit.eval import forward
 
     # exllamav2 first: its import is what makes the CUDA device usable (it builds or loads its extension),
     # and what fails on a machine that cannot run it; the error is then every exllamav2 task's result.
     missing = forward.import_exllamav2()
     free = forward.free_vram() if missing is None else None
-    rows = _rows(Path(job["tokens"]))
-    reference = Path(job["reference"])
-    for task in job["tasks"]:
-        result = run_task(task, rows, reference, free, missing)
-        write_json_atomic(Path(task["out"]), result)
-        _say("done", task=task["name"], status=result["status"], error=result.get("error"))
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        job = json.loads(line)
+        rows = _rows(Path(job["tokens"]))
+        reference = Path(job["reference"])
+        for task in job["tasks"]:
+            if free is not None:
+                free = forward.free_vram()  # what the previous model left behind
+            result = run_task(task, rows, reference, free, missing)
+            write_json_atomic(Path(task["out"]), result)
+            _say("done", task=task["name"], status=result["status"], error=result.get("error"))
+        _say("idle")
     return 0
 
 
