@@ -134,6 +134,17 @@ class State:
             self.mark(step, "pending")
 
 
+def published_name(model: Model) -> str:
+    """The source as published files name it: its Hub id (also for a folder in the Hugging Face cache,
+    `.../models--ORG--NAME/snapshots/REV`), else the folder's name. Never a local path."""
+    if model.source != "folder" or model.path is None:
+        return model.ref
+    path = model.path.expanduser().resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return path.name
+
+
 def convert_step(branch: str) -> str:
     return f"convert:{branch}"
 
@@ -158,6 +169,8 @@ class Pipeline:
         self.converter = converter or conv.Converter()
         self.listener = listener
         self.model = model or load_model(settings.model)
+        #: How published files name the source: never a local absolute path.
+        self.source_name = published_name(self.model)
         if self.model.path is None:
             self.model = self._download(self.model)
         assert self.model.path is not None
@@ -212,8 +225,11 @@ class Pipeline:
                 self._reset(step)
             merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
             new = new.model_copy(update={"branches": list(merged.values())})
-        write_json_atomic(self.work.recipe, {"settings": new.model_dump(mode="json"), "model_fingerprint": self.fingerprint,
-                                             "model_dir": str(self.model_dir), "quantkit_version": __version__})
+        # recipe.json is published on main: the source by name; its local path stays in state.json.
+        settings = new.model_dump(mode="json") | {"model": self.source_name}
+        write_json_atomic(self.work.recipe, {"settings": settings, "model_fingerprint": self.fingerprint,
+                                             "quantkit_version": __version__})
+        update_state(self.work.root, lambda state: state.update({"source": {"name": self.source_name, "path": str(self.model_dir)}}))
 
     def _done_branches(self) -> list[str]:
         return [k for k, v in self.state.steps.items() if k.startswith("convert:") and v.status != "pending"]
@@ -351,7 +367,7 @@ class Pipeline:
             raise
         self.converter_seconds += result.seconds
         meas.load_measurement(self.work.measurement)  # refuse a file exllamav2 would choke on later
-        prov = meas.make_provenance(self.model, self.fingerprint, measurement=self.work.measurement,
+        prov = meas.make_provenance(self.source_name, self.fingerprint, measurement=self.work.measurement,
                                     calibration=cal.manifest.name, calibration_sha256=cal.manifest.sha256,
                                     rows=s.measurement_rows, length=s.length, exllamav2_version=conv.converter_version(),
                                     adapter=self.adapter_record())
@@ -410,7 +426,7 @@ class Pipeline:
             "branch": branch.name, "bits": branch.bits, "head_bits": branch.head_bits,
             "achieved_decoder_bpw": round(achieved.decoder_bpw, 4), "achieved_head_bpw": round(achieved.head_bpw, 4),
             "bytes": achieved.bytes, "reachable_bpw": [round(rng.low, 4), round(rng.high, 4)],
-            "measurement_sha256": prov.measurement_sha256, "source_model": s.model, "model_fingerprint": self.fingerprint,
+            "measurement_sha256": prov.measurement_sha256, "source_model": self.source_name, "model_fingerprint": self.fingerprint,
             "calibration": {"name": cal.manifest.name, "sha256": cal.manifest.sha256, "rows": s.rows, "length": s.length,
                             "measurement_rows": prov.rows, "measurement_length": prov.length},
             "exllamav2_version": conv.converter_version(), "quantkit_version": __version__, "adapter": self.adapter_record(),

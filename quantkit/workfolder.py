@@ -76,7 +76,11 @@ def _branch_sort_key(name: str) -> tuple[float, str]:
 
 
 def source_model(work: Path) -> str | None:
-    """The source model reference (a Hub id or a path) as the provenance or recipe records it."""
+    """The source model reference (a Hub id or a path): the local folder state.json records (published
+    files name the source only by its Hub id or folder name), else what the provenance or recipe says."""
+    local = pick(read_json(work / STATE), "source.path")
+    if isinstance(local, str) and Path(local).is_dir():
+        return local
     prov = read_json(work / PROVENANCE)
     recipe = read_json(work / RECIPE)
     ref = pick(prov, "source_model", "model_ref", "source.model", "model.ref", "model", "source")

@@ -21,7 +21,7 @@ from quantkit.archs.adapters import PROVENANCE_FILE
 from quantkit.branches import Branch
 from quantkit.cli.main import cli
 from quantkit.exl2 import finalize as fin
-from quantkit.exl2.converter import LOG_NAME
+from quantkit.exl2.converter import log_path
 from quantkit.exl2.job import read_job
 from quantkit.pipeline import Pipeline, Settings
 from quantkit.run import dry_run
@@ -59,7 +59,7 @@ def pipeline(model: Path, work: Path, events: list[str] | None = None, *, force:
 
 def converter_inputs(job_dir: Path) -> list[str]:
     """Every `-i` the converter was started with for this job (quantkit's log records each argv)."""
-    words = [line.split() for line in (job_dir / LOG_NAME).read_text().splitlines() if line.startswith("=== ") and " -i " in line]
+    words = [line.split() for line in log_path(job_dir).read_text().splitlines() if line.startswith("=== ") and " -i " in line]
     return [w[w.index("-i") + 1] for w in words]
 
 

@@ -1,9 +1,10 @@
 """Make exllamav2's `-cf` folder publishable, in place and idempotently (a rerun after a kill redoes it).
 
 compile.py copies every non-tensor file of the source: its README.md (the source's card, which would
-then describe the wrong model) and its model.safetensors.index.json (which names the source's shards,
-not `output*.safetensors`). Both go; a correct index is written from the shards' own headers, and
-quantkit.json records how this branch was made.
+then describe the wrong model), its model.safetensors.index.json (which names the source's shards,
+not `output*.safetensors`) and, for an adapted model, the adapter's own record (`quantkit-adapter.json`,
+which holds the local source path). They go; a correct index is written from the shards' own headers,
+and quantkit.json records how this branch was made.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from quantkit.exl2.job import output_shards
 from quantkit.files import read_json, write_json_atomic
 
 #: Source leftovers compile.py copies that must not be published with the quant.
-STALE = ("README.md", ".gitattributes")
+STALE = ("README.md", ".gitattributes", "quantkit-adapter.json")
 STALE_SUFFIXES = (".safetensors.index.json", ".pth", ".gguf", ".bin.index.json")
 INDEX_NAME = "model.safetensors.index.json"
 PROVENANCE_NAME = "quantkit.json"

@@ -187,10 +187,11 @@ def model_fingerprint(model: Model) -> str:
     return h.hexdigest()
 
 
-def make_provenance(model: Model, fingerprint: str, *, measurement: Path, calibration: str, calibration_sha256: str,
+def make_provenance(model_ref: str, fingerprint: str, *, measurement: Path, calibration: str, calibration_sha256: str,
                     rows: int, length: int, exllamav2_version: str, adapter: dict[str, Any] | None = None) -> Provenance:
+    """`model_ref`: the source as published (a Hub id or a folder name): the file goes on `main`."""
     return Provenance(
-        model_ref=model.ref, model_fingerprint=fingerprint, calibration=calibration,
+        model_ref=model_ref, model_fingerprint=fingerprint, calibration=calibration,
         calibration_sha256=calibration_sha256, rows=rows, length=length, exllamav2_version=exllamav2_version,
         measurement_sha256=file_sha256(measurement), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         adapter=adapter,
