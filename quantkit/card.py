@@ -51,7 +51,7 @@ class CardSpec(BaseModel):
     converted: bool
     source_card: str | None
     notes: list[str]  # said on screen, never in the card
-    adapter: str | None = None  # issue 6: the architecture adapter exllamav2 needed, and its status
+    adapter: str | None = None  # the architecture adapter exllamav2 needed, and its status
 
 
 def _source_folder(ref: str | None) -> Path | None:
@@ -106,7 +106,7 @@ def _calibration(work: Path | None) -> str:
 
 def _recipe_branches(work: Path | None) -> list[Branch]:
     defaults = {b.name: b for b in default_branches()}
-    # issue 4's pipeline writes {"settings": {"branches": [...]}}
+    # the pipeline writes {"settings": {"branches": [...]}}
     raw = pick(read_json(work / RECIPE), "branches", "settings.branches") if work is not None else None
     if not isinstance(raw, list) or not raw:
         return list(defaults.values())

@@ -116,7 +116,7 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     s = p.settings
     m: Model = p.model
     steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None)]
-    if p.adapter is not None:  # issue 6: the working copy the converter reads, in WORK/adapted
+    if p.adapter is not None:  # the working copy the converter reads, in WORK/adapted
         steps.append(DryStep(step="adapt", status=p.state.get("adapt").status, needs=p.adapt_needs(), note=p.adapter.summary()))
     steps.append(DryStep(step="measure", status=p.state.get("measure").status,
                          needs=measure_needs(m, rows=s.measurement_rows, length=s.length)))

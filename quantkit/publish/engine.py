@@ -196,7 +196,7 @@ def publish_branch(work: Path, branch: str, target: Target, *, card: Path | None
                    hashes: FileHashes | None = None) -> SyncResult:
     """Publish WORK/out/<branch> to its own branch of `target` and record it in WORK/state.json.
 
-    Safe to call from a worker thread while the next branch converts (issue 4's run); `target` must be
+    Safe to call from a worker thread while the next branch converts (in `quantkit run`); `target` must be
     prepared (`target.prepare()`), and the card defaults to WORK/publish/README.md (`write_card`).
     """
     card = card or work / "publish" / CARD_NAME
