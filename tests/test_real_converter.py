@@ -18,7 +18,7 @@ from quantkit.exl2 import finalize as fin
 from quantkit.exl2.measurement import load_measurement, reachable_range
 from quantkit.pipeline import Pipeline, Settings
 from quantkit.run import run_all
-from quantkit.runpublish import BackgroundPublisher, PublishSpec
+from quantkit.publish import BackgroundPublisher, PublishOptions
 from tiny import make_tokenizer
 
 BITS = (8.0, 6.5, 5.0)
@@ -54,7 +54,7 @@ def pipeline(model: Path, work: Path, bits=BITS, listener=None) -> Pipeline:
 def test_calibration_to_publish_through_the_real_converter(tmp_path, tiny_llama_exl2, real_converter):
     work, repo = tmp_path / "w", tmp_path / "repo"
     p = pipeline(tiny_llama_exl2, work)
-    results = run_all(p, BackgroundPublisher(work, PublishSpec(repo="alice/tiny-exl2", to=repo)))
+    results = run_all(p, BackgroundPublisher(work, PublishOptions(repo="alice/tiny-exl2", to=repo)))
 
     # The measurement: one entry per decoder module, as measure.py writes them (plus its norm/head nulls).
     raw = json.loads(p.work.measurement.read_text())["measurement"]
@@ -102,7 +102,7 @@ def test_adapted_architectures_convert_through_the_real_converter(tmp_path, real
     make_tokenizer(src)
     work, repo = tmp_path / "w", tmp_path / "repo"
     p = pipeline(src, work, bits=(8.0,))
-    [result] = run_all(p, BackgroundPublisher(work, PublishSpec(repo="alice/tiny-exl2", to=repo)))
+    [result] = run_all(p, BackgroundPublisher(work, PublishOptions(repo="alice/tiny-exl2", to=repo)))
     assert json.loads((work / "adapted" / "config.json").read_text())["architectures"] == [ADAPTED[case]]
     assert json.loads((result.folder / "config.json").read_text())["architectures"] == [ADAPTED[case]]
     raw = json.loads(p.work.measurement.read_text())["measurement"]
