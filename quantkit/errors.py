@@ -100,6 +100,49 @@ class CorruptSafetensors(QuantkitError):
         self.reason = reason
 
 
+class InvalidModelShape(QuantkitError):
+    """A config.json field that no real model has (0 layers, 10^12 vocab, heads not dividing hidden)."""
+
+    def __init__(self, arch: str, field: str, value: object, reason: str) -> None:
+        super().__init__(f"{arch}: {field} = {value!r}: {reason}")
+        self.arch = arch
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+
+class UnknownLoader(QuantkitError):
+    def __init__(self, value: str, known: list[str]) -> None:
+        super().__init__(f"loader {value!r}")
+        self.value = value
+        self.known = known
+
+
+class InvalidHeadroom(QuantkitError):
+    def __init__(self, value: str, reason: str) -> None:
+        super().__init__(f"headroom {value!r}: {reason}")
+        self.value = value
+        self.reason = reason
+
+
+class HubRevisionNotFound(QuantkitError):
+    def __init__(self, repo_id: str, revision: str, known: list[str]) -> None:
+        super().__init__(f"{repo_id}: no branch or revision {revision!r}")
+        self.repo_id = repo_id
+        self.revision = revision
+        self.known = known
+
+
+class NotExl2Branch(QuantkitError):
+    """REPO:BRANCH names a branch that holds no converted EXL2 model (no config.json with quant_method exl2)."""
+
+    def __init__(self, repo_id: str, revision: str, reason: str) -> None:
+        super().__init__(f"{repo_id}:{revision}: {reason}")
+        self.repo_id = repo_id
+        self.revision = revision
+        self.reason = reason
+
+
 # ---- issue 6: architecture adapters -------------------------------------------------------------------
 
 

@@ -35,6 +35,11 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.HubRepoNotFound: lambda x: f"{x.repo_id}: not found on the Hub {x.detail}".rstrip() + "; check the repo id, or log in with `hf auth login` for a private repo",
     e.ModelNotFound: lambda x: f"{x.ref}: no such folder and not a Hub repo id: pass a model folder or an id like user/model",
     e.CorruptSafetensors: lambda x: f"{x.path}: {x.reason}: the shard is truncated or not safetensors; re-download or re-convert it",
+    e.InvalidModelShape: lambda x: f"{x.arch} config.json: {x.field} = {x.value!r} {x.reason}; fix that field in config.json (it describes no real model)",
+    e.UnknownLoader: lambda x: f"unknown loader {x.value!r}: use one of {', '.join(x.known)} (e.g. --loader tabby)",
+    e.InvalidHeadroom: lambda x: f"headroom {x.value!r} {x.reason}; write it like 1GiB or 512MiB, smaller than --gpu (e.g. --headroom 1GiB)",
+    e.HubRevisionNotFound: lambda x: f"{x.repo_id} has no branch {x.revision!r}" + (f" (branches: {', '.join(x.known)})" if x.known else "") + f": pick one, e.g. {x.repo_id}:{(x.known or ['main'])[0]}",
+    e.NotExl2Branch: lambda x: f"{x.repo_id}:{x.revision} is not a converted EXL2 branch ({x.reason}): name a branch that holds one (they are usually named by bitrate, like 6_5 or 6.0bpw)",
     # issue 6: architecture adapters
     e.AdapterRefused: lambda x: f"{x.arch}: quantkit's adapter cannot map {x.feature} ({x.detail}); exllamav2 has no exact equivalent, so this model cannot be quantized with it. `quantkit archs` lists what maps",
     e.AdapterCheckpointMismatch: lambda x: f"{x.arch} checkpoint does not match its config.json: {x.reason}; re-download the model or fix config.json",
