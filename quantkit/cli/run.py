@@ -14,7 +14,7 @@ from quantkit.cli.progress import StepProgress
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
 from quantkit.run import load_run_recipe, run_all
-from quantkit.runpublish import BackgroundPublisher, PublishSpec
+from quantkit.publish import BackgroundPublisher, PublishOptions
 from quantkit.units import format_gib
 
 
@@ -69,12 +69,12 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
         results = run_all(p, publisher)
     total = time.monotonic() - start
     for res in results:
-        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder}, published to {publisher.target.id}")
+        out.rich(f"{res.branch}: {res.provenance.achieved_decoder_bpw:.3f} bpw -> {res.folder}, published to {publisher.target.id}")
     own = total - p.converter_seconds
     out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
 
 
-def dry_run_plan(p: Pipeline, publish: PublishSpec) -> Table:
+def dry_run_plan(p: Pipeline, publish: PublishOptions) -> Table:
     d = plan_dry_run(p, publish)
     t = Table(title=f"Plan for {p.model.name} in {p.work.root}")
     for col in ("Step", "State", "Disk", "System RAM", "VRAM (convert)", "VRAM (load, 4k fp16)"):
