@@ -18,3 +18,22 @@ def hub_id(ref: str | None) -> str | None:
     except HFValidationError:
         return None
     return ref
+
+
+def published_name(ref: str, folder: str | Path | None = None) -> str:
+    """How files quantkit publishes name the source model: its Hub id (also for a folder in the Hugging
+    Face cache, `.../models--ORG--NAME/snapshots/REV`), else the name of its folder. Never a local path.
+
+    Args:
+        ref: the model as the user named it (a Hub id or a path).
+        folder: the folder the weights were read from, when there is one.
+    """
+    if hub_id(ref) is not None:
+        return ref
+    for candidate in (Path(ref), Path(folder) if folder is not None else None):
+        if candidate is None:
+            continue
+        parts = candidate.expanduser().parts
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            return parts[-3].removeprefix("models--").replace("--", "/")
+    return Path(ref).expanduser().resolve().name or ref
