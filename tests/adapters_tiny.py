@@ -93,11 +93,12 @@ def _weights(case: str, config: dict[str, Any], seed: int) -> dict[str, np.ndarr
     return w
 
 
-def build(case: str, folder: Path, seed: int = 6) -> str:
+def build(case: str, folder: Path, seed: int = 6, **change: Any) -> str:
     """Write the tiny source checkpoint (config.json, model.safetensors, a tokenizer stand-in); returns
-    the sha256 of model.safetensors."""
+    the sha256 of model.safetensors. `change`: config keys to override (the real converter needs a
+    vocabulary as large as the tokenizer the tests train)."""
     folder.mkdir(parents=True, exist_ok=True)
-    config = CASES[case]
+    config = CASES[case] | change
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     (folder / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "WordLevel", "vocab": {}}}')
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 0}))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -14,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CONFIGS = FIXTURES / "configs"
+#: The smallest Llama shapes the real converter (on the CPU stand-in) takes quickly.
+EXL2_TINY = {"hidden": 64, "intermediate": 128, "heads": 2, "kv_heads": 1, "peaked": True}
 
 
 @pytest.fixture(autouse=True)
@@ -70,3 +74,39 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def real_converter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """quantkit's converter seam left as shipped (`python -m exllamav2.conversion.convert_exl2`): the child
+    runs exllamav2 0.3.2's real converter on the CPU through tests/exl2_cpu (stand-in extension + device
+    shim, loaded by its sitecustomize). Here, `torch.cuda.is_available()` says yes so quantkit's pre-flight
+    passes as on a GPU machine."""
+    import torch
+
+    from exl2_cpu import subprocess_env
+
+    for var in ("QUANTKIT_CONVERTER", "QUANTKIT_CONVERTER_VERSION"):
+        monkeypatch.delenv(var, raising=False)
+    for key, value in subprocess_env().items():
+        if os.environ.get(key) != value:
+            monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+@pytest.fixture
+def exl2_on_cpu() -> Iterator[ModuleType]:
+    """exllamav2 0.3.2 imported in this test process on the CPU (stand-in extension + device shim); yields
+    the `exllamav2` module. `torch.cuda` is restored afterwards. See tests/exl2_cpu/README.md."""
+    from exl2_cpu import on_cpu
+
+    with on_cpu() as exllamav2:
+        yield exllamav2
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_exl2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smallest Llama shapes exllamav2's converter takes, for the real-converter tests."""
+    from tiny import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama-exl2", **EXL2_TINY)

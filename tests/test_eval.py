@@ -14,8 +14,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from quantkit import errors as e
-from quantkit.cli.errors import format_error
 from quantkit.cli.main import cli
 from quantkit.eval import core, metrics, text, worker
 from quantkit.eval.chart import render_chart
@@ -71,17 +69,6 @@ def test_overlap_is_measured_on_word_ngrams():
     cal = ["the quick brown fox jumps over the lazy dog " * 40]
     assert text.overlap("the quick brown fox jumps over the lazy dog " * 10, cal) == 1.0
     assert text.overlap("a completely different sentence about rivers and cities that never repeats " * 3, cal) == 0.0
-
-
-@pytest.mark.parametrize("exc, needle", [
-    (e.EvalTextTooShort("short.txt", 10, 4, 64), "fewer than rows x length = 4 x 64 = 256: pass a longer --source"),
-    (e.EvalOverlapsCalibration("cal.txt", 0.9, Path("w/calibration/calibration.parquet")), "pass --allow-overlap"),
-    (e.NotAnExl2Branch(Path("w/out/x"), "no config.json"), "is not a converted EXL2 model (no config.json)"),
-    (e.EvalReferenceFailed("tiny", "boom"), "rerun `quantkit eval WORK`"),
-])
-def test_error_rows(exc, needle):
-    msg = format_error(exc)
-    assert needle in msg and "\n" not in msg
 
 
 def test_chart_is_deterministic_svg():

@@ -70,7 +70,7 @@ def test_measure_then_convert_with_status_events(tmp_path, tiny_llama, converter
     data = json.loads(m.measurement.read_text())
     assert len(data["measurement"]["model.layers.0.self_attn"]) == 19
     assert len(data["measurement"]["model.layers.1.mlp"]) == 17
-    assert "-so" in (m.work_dir / conv.LOG_NAME).read_text()
+    assert "-so" in conv.log_path(m.work_dir).read_text()
     c = convert_job(tmp_path, tiny_llama)
     Converter().run(c)
     assert (c.output_dir / "output.safetensors").is_file()
@@ -133,7 +133,7 @@ def test_cancel_sends_sigterm_to_a_hung_converter(tmp_path, tiny_llama, converte
         c.run(m, on_line=on_line)
     t.join()
     assert info.value.stage == "Embeddings"  # the last status line before the hang
-    assert "=== exit -15" in (m.work_dir / conv.LOG_NAME).read_text()
+    assert "=== exit -15" in conv.log_path(m.work_dir).read_text()
 
 
 def test_a_kept_job_with_other_settings_is_refused(tmp_path, tiny_llama, converter_double, monkeypatch):

@@ -23,6 +23,9 @@ def test_status_lines_from_a_log_parse_in_order():
         (" ## Error: Unable to fit output tensor in single shard.", "error"),
         (" !! Warning: target bitrate 9.0 will likely not be attainable", "warning"),
         (" ** Warning: Not enough sample data in x.parquet", "warning"),
+        # model.py and attn.py print their warnings with the error marker
+        (" ## Warning: The installed version of PyTorch is 2.13.0+cpu and does not support CUDA or ROCm.", "warning"),
+        (" ## Warning: Flash Attention is installed but unsupported GPUs were detected.", "warning"),
         (" -- Finished", "text"),
         ('noise [STATUS]{"stage": "Quantizing", "completion": 0.5}[/STATUS] noise', "status"),
         ('[STATUS]{"stage": "Quantizing", "completion": "x"}[/STATUS]', "text"),

@@ -1,4 +1,4 @@
-"""Issue 6 item 1 through the pipeline: measure/convert/run apply the architecture adapter by themselves.
+"""The architecture adapters through the pipeline: measure/convert/run apply the architecture adapter by themselves.
 
 Tiny StableLM and GPT-NeoX checkpoints (adapters_tiny.py) go through the converter double: the working
 copy lands in WORK/adapted and is the converter's -i, the user's folder is never written, the adapter
@@ -20,8 +20,8 @@ from quantkit.archs import adapters
 from quantkit.archs.adapters import PROVENANCE_FILE
 from quantkit.branches import Branch
 from quantkit.cli.main import cli
-from quantkit.exl2 import finalize as fin
-from quantkit.exl2.converter import LOG_NAME
+from quantkit.workfolder import BRANCH_PROVENANCE
+from quantkit.exl2.converter import log_path
 from quantkit.exl2.job import read_job
 from quantkit.pipeline import Pipeline, Settings
 from quantkit.run import dry_run
@@ -59,7 +59,7 @@ def pipeline(model: Path, work: Path, events: list[str] | None = None, *, force:
 
 def converter_inputs(job_dir: Path) -> list[str]:
     """Every `-i` the converter was started with for this job (quantkit's log records each argv)."""
-    words = [line.split() for line in (job_dir / LOG_NAME).read_text().splitlines() if line.startswith("=== ") and " -i " in line]
+    words = [line.split() for line in log_path(job_dir).read_text().splitlines() if line.startswith("=== ") and " -i " in line]
     return [w[w.index("-i") + 1] for w in words]
 
 
@@ -82,9 +82,9 @@ def test_measure_then_convert_goes_through_the_working_copy(tmp_path, converter_
     # Recorded, in the measurement's provenance and the branch's, the way the card reads it.
     want = {"adapter": case.replace("-", "_"), "source_arch": src_arch, "target_arch": target, "status": "experimental"}
     recorded = json.loads(p.work.provenance.read_text())["adapter"]
-    assert prov.adapter == recorded and {k: recorded[k] for k in want} == want
+    assert prov.adapter is not None and prov.adapter.model_dump() == recorded and {k: recorded[k] for k in want} == want
     assert recorded["experimental"] and "experimental" in recorded["summary"] and target in recorded["summary"]
-    branch = json.loads((result.folder / fin.PROVENANCE_NAME).read_text())
+    branch = json.loads((result.folder / BRANCH_PROVENANCE).read_text())
     assert result.folder == work / "out" / "8_0" and branch["adapter"] == recorded
     assert json.loads((result.folder / "config.json").read_text())["architectures"] == [target]
     # The fingerprint is the user's model's, not the copy's, and the user's folder is untouched.

@@ -38,7 +38,10 @@ def make_tokenizer(folder: Path, vocab: int = 320) -> int:
 
 
 def make_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 256, intermediate: int = 512, heads: int = 4,
-                    kv_heads: int = 2, seed: int = 0) -> Path:
+                    kv_heads: int = 2, seed: int = 0, peaked: bool = False) -> Path:
+    """`peaked`: not the N(0, 0.02) of an untrained model but embeddings std 0.5, linears 0.1, lm_head 0.25
+    and norms 1 +- 0.1, so that attention is far from uniform (a non-causal attention shows in the logits)
+    and the logits are peaked (top-1 agreement and KL tell 8 bpw from 5 bpw)."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab = make_tokenizer(folder)
     head_dim = hidden // heads
@@ -52,13 +55,16 @@ def make_tiny_llama(folder: Path, *, layers: int = 2, hidden: int = 256, interme
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     rng = np.random.default_rng(seed)
 
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.02).astype(np.float16)
+    def w(*shape: int, std: float = 0.1) -> np.ndarray:
+        return (rng.standard_normal(shape) * (std if peaked else 0.02)).astype(np.float16)
 
-    t = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": np.ones(hidden, np.float16), "lm_head.weight": w(vocab, hidden)}
+    def norm() -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float16) if peaked else np.ones(hidden, np.float16)
+
+    t = {"model.embed_tokens.weight": w(vocab, hidden, std=0.5), "model.norm.weight": norm(), "lm_head.weight": w(vocab, hidden, std=0.25)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        t |= {p + "input_layernorm.weight": np.ones(hidden, np.float16), p + "post_attention_layernorm.weight": np.ones(hidden, np.float16),
+        t |= {p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
               p + "self_attn.q_proj.weight": w(heads * head_dim, hidden), p + "self_attn.k_proj.weight": w(kv_heads * head_dim, hidden),
               p + "self_attn.v_proj.weight": w(kv_heads * head_dim, hidden), p + "self_attn.o_proj.weight": w(hidden, heads * head_dim),
               p + "mlp.gate_proj.weight": w(intermediate, hidden), p + "mlp.up_proj.weight": w(intermediate, hidden),

@@ -15,7 +15,7 @@ from quantkit.eval.core import failed_branches, for_pipeline
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
 from quantkit.run import load_run_recipe, run_all
-from quantkit.runpublish import BackgroundPublisher, PublishSpec
+from quantkit.publish import BackgroundPublisher, PublishOptions
 from quantkit.units import format_gib
 
 
@@ -25,7 +25,7 @@ from quantkit.units import format_gib
 @click.option("--dry-run", is_flag=True, help="Print the steps, their disk/RAM/VRAM and the reachable bitrates; run nothing.")
 @click.option("--force-settings", is_flag=True, help="Allow settings that invalidate finished work; redoes those steps.")
 def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) -> None:
-    """Run RECIPE: calibration -> measure -> convert each branch -> publish each.
+    """Run RECIPE: calibration -> measure -> convert each branch -> evaluate it -> publish each.
 
     Publishing works as `quantkit publish` does (main gets measurement.json, README and recipe; each
     bitrate its own branch), and each branch uploads while the next one converts. Without a [publish]
@@ -36,6 +36,11 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
     publishes only what is missing. Settings that would invalidate finished work are locked unless
     --force-settings.
 
+    Each converted branch is evaluated against the unquantized model as `quantkit eval` does
+    (perplexity, KL divergence, top-1 agreement; WORK/eval.json, the card's KL and PPL columns and the
+    chart on main); a branch that fails to load or gives non-finite logits is not published.
+    `eval = false` in the recipe turns this off.
+
     \b
     Recipe (TOML):
       model = "./Llama-3-8B"          # folder or Hub id
@@ -43,6 +48,7 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
       calibration = "default"         # recipe name or file; calibration_source = "..." for toxic-qna
       rows = 100                      # quant pass; measurement_rows = 16; length = 2048
       branches = "default"            # or a branch-set file, or [[branches]] tables
+      eval = false                    # or [eval] with rows = 20, length = 2048, source = "...", top_k = 100
       [publish]
       repo = "alice/Llama-3-8B-exl2"  # private = true; or to = "exl2-repo" (a local git repo)
     \b
@@ -77,12 +83,12 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
     failed = failed_branches(folder) if evaluation is not None else []
     for res in results:
         where = f"NOT published: its evaluation failed ({folder / 'eval.json'})" if res.branch in failed else f"published to {publisher.target.id}"
-        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder}, {where}")
+        out.rich(f"{res.branch}: {res.provenance.achieved_decoder_bpw:.3f} bpw -> {res.folder}, {where}")
     own = total - p.converter_seconds
     out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
 
 
-def dry_run_plan(p: Pipeline, publish: PublishSpec) -> Table:
+def dry_run_plan(p: Pipeline, publish: PublishOptions) -> Table:
     d = plan_dry_run(p, publish)
     t = Table(title=f"Plan for {p.model.name} in {p.work.root}")
     for col in ("Step", "State", "Disk", "System RAM", "VRAM (convert)", "VRAM (load, 4k fp16)"):

@@ -300,11 +300,13 @@ class Evaluation:
 
     @staticmethod
     def _branch_eval(name: str, folder: Path, qc: dict[str, Any], r: dict[str, Any]) -> BranchEval:
-        qk = read_json(folder / "quantkit.json") if (folder / "quantkit.json").is_file() else {}
+        from quantkit.workfolder import read_branch_provenance
+
+        qk = read_branch_provenance(folder) if (folder / "quantkit.json").is_file() else None
         figures = {k: r.get(k) for k in ("perplexity", "kl_mean", "kl_median", "kl_p99", "top1_agreement")}
         return BranchEval(branch=name, status=r.get("status", "failed"), error=r.get("error"), mode=r.get("mode"),
-                          bits=qk.get("bits", qc.get("bits")), head_bits=qk.get("head_bits", qc.get("head_bits")),
-                          achieved_bpw=qk.get("achieved_decoder_bpw"),
+                          bits=qk.bits if qk else qc.get("bits"), head_bits=qk.head_bits if qk else qc.get("head_bits"),
+                          achieved_bpw=qk.achieved_decoder_bpw if qk else None,
                           bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")), **figures)
 
     def _worker(self) -> subprocess.Popen[str]:
@@ -429,12 +431,13 @@ def open_work(work: Path) -> Any:
         WorkFolderIncomplete: no recipe.json (nothing was measured or converted there).
     """
     from quantkit.errors import WorkFolderIncomplete
-    from quantkit.pipeline import Pipeline, Settings
+    from quantkit.pipeline import Pipeline
+    from quantkit.workfolder import read_settings
 
-    recipe = work / "recipe.json"
-    if not recipe.is_file():
+    record = read_settings(work)
+    if record is None:
         raise WorkFolderIncomplete(work, "no recipe.json", "run `quantkit run RECIPE` or `quantkit measure MODEL --work WORK` first")
-    return Pipeline(Settings(**read_json(recipe)["settings"]), work)
+    return Pipeline(record.settings, work)
 
 
 def evaluate_branch(evaluation: Evaluation, branch: str, folder: Path) -> BranchEval:

@@ -75,12 +75,12 @@ def tokenize(text: EvalText, model_dir: Path, *, rows: int, length: int) -> Eval
         TokenizerMissing, EvalTextTooShort.
     """
     from quantkit import calibration
-    from quantkit.workfolder import read_json
+    from quantkit.files import read_json
 
     tokenizer, tok_sha = calibration._tokenizer(model_dir)
     enc = tokenizer.encode(text.text, add_special_tokens=False)
     ids = enc.ids
-    bos = read_json(model_dir / "config.json").get("bos_token_id")
+    bos = read_json(model_dir / "config.json").get("bos_token_id") if (model_dir / "config.json").is_file() else None
     bos = bos if isinstance(bos, int) else None
     per_row = length - (1 if bos is not None else 0)
     if per_row < 2 or len(ids) < rows * per_row:

@@ -9,7 +9,10 @@ the test double) for a `MeasureJob` (`-om`) or a `ConvertJob` (`-m ... -cf`). Ru
 - stdin is /dev/null and the child has its own session, because measure.py's SIGINT handler calls
   `input()`; quantkit stops it with SIGTERM instead;
 - success is `job_new.json` progress "finished" plus the expected files, never the exit code (bare
-  `sys.exit()` exits 0 on most argument errors).
+  `sys.exit()` exits 0 on most argument errors);
+- quantkit's log of the run lies beside `-o`, not in it: convert_exl2.py warns "Output directory is not
+  empty" when a new job starts in a folder holding anything;
+- `EXLLAMA_NO_SDPA=1` when no causal attention is installed (`quantkit.exl2.runtime` says why).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import ConverterCancelled, ConverterFailed, ConverterMissing, JobMismatch, NoCudaDevice
 from quantkit.exl2 import job as jobfile
+from quantkit.exl2 import runtime
 from quantkit.exl2.status import LogLine, classify
 
 #: Names the converter command (shell words); tests point it at tests/double/convert_exl2.py.
@@ -37,7 +41,7 @@ CONVERTER_ENV = "QUANTKIT_CONVERTER"
 #: The version to record in provenance when CONVERTER_ENV replaces the installed exllamav2.
 CONVERTER_VERSION_ENV = "QUANTKIT_CONVERTER_VERSION"
 DEFAULT_MODULE = "exllamav2.conversion.convert_exl2"
-LOG_NAME = "quantkit-converter.log"
+LOG_SUFFIX = ".converter.log"
 #: Seconds between SIGTERM and SIGKILL when cancelling.
 TERM_GRACE_S = 10.0
 
@@ -97,6 +101,11 @@ class ConverterResult(BaseModel):
     log: Path
     seconds: float
     skipped: bool  # the job was already finished; nothing ran
+
+
+def log_path(work_dir: Path) -> Path:
+    """quantkit's log of every run of the job in `work_dir` (`-o`): beside it, so `-o` stays exllamav2's."""
+    return work_dir.with_name(work_dir.name + LOG_SUFFIX)
 
 
 def converter_command() -> list[str]:
@@ -218,14 +227,17 @@ class Converter:
             ConverterCancelled: `cancel()` was called (or Ctrl-C); the work folder is kept.
             ConverterFailed: the converter ended without a finished job and its files.
         """
-        job.work_dir.mkdir(parents=True, exist_ok=True)
-        log = job.work_dir / LOG_NAME
+        log = log_path(job.work_dir)
         if is_finished(job):
             # Re-running a finished job makes exllamav2 print "Job is already finished" and exit 0.
             return ConverterResult(exit_code=None, log=log, seconds=0.0, skipped=True)
         check_resumable(job)
         argv = self.argv(job)
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        env = runtime.exllamav2_env() | {"PYTHONUNBUFFERED": "1"}
+        notice = runtime.notice_once()
+        if notice is not None and on_line is not None:
+            on_line(LogLine(kind="warning", text=notice))
+        log.parent.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         stage = jobfile.job_progress(job.work_dir) or "begin"
         last_error = ""

@@ -1,8 +1,9 @@
 """exllamav2's `-so` status protocol and the console lines around it.
 
 `conversion/bot_status.py` prints `[STATUS]{"stage": ..., "completion": ...}[/STATUS]` on stdout,
-interleaved with ordinary log lines, of which `" ## "` marks an error and `" !! "` a warning. There is
-no "finished" status line: the converter prints `" -- Finished"`.
+interleaved with ordinary log lines, of which `" ## "` marks an error and `" !! "` a warning, except
+`" ## Warning: "` (model.py, attn.py print their warnings so). There is no "finished" status line: the
+converter prints `" -- Finished"`.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def classify(line: str) -> LogLine:
         return LogLine(kind="status", text=text, status=event)
     # exllamav2 prefixes errors with " ## " (and " ** Error" for a corrupted job), warnings with " !! ".
     stripped = text.lstrip()
+    if stripped.startswith("## Warning"):
+        return LogLine(kind="warning", text=text.strip())
     if stripped.startswith("##") or stripped.startswith("** Error"):
         return LogLine(kind="error", text=text.strip())
     if stripped.startswith("!!") or stripped.startswith("** Warning"):
