@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from quantkit.cli.main import cli
-from quantkit.eval import core, metrics, text, worker
+from quantkit.eval import core, metrics, records, text, worker
 from quantkit.eval.chart import render_chart
 
 BITS = ("8_0", "6_5", "5_0")
@@ -74,12 +74,12 @@ def test_overlap_is_measured_on_word_ngrams():
 def test_chart_is_deterministic_svg():
     import xml.etree.ElementTree as ET
 
-    report = core.EvalReport(text={"name": "t", "sha256": "ab" * 32, "rows": 1, "length": 8, "tokens": 8}, exllamav2_version="0.3.2",
-                             reference={"perplexity": 10.0}, top_k=4, branches={
-                                 n: core.BranchEval(branch=n, status="done", bits=b, achieved_bpw=b, bytes=int(b * 1e6),
+    report = records.EvalReport(text=records.TextInfo(name="t", sha256="ab" * 32, rows=1, length=8, tokens=8, tokenizer_sha256="cd"),
+                                exllamav2_version="0.3.2", reference=records.ReferenceInfo(model="m", mode="full", perplexity=10.0), top_k=4, branches={
+                                 n: records.BranchEval(branch=n, status="done", bits=b, achieved_bpw=b, bytes=int(b * 1e6),
                                                     perplexity=10 + 1 / b, kl_mean=1 / b**3)
                                  for n, b in (("8_0", 8.0), ("5_0", 5.0))} | {
-                                 "4_0": core.BranchEval(branch="4_0", status="failed", error="does not load")})
+                                 "4_0": records.BranchEval(branch="4_0", status="failed", error="does not load")})
     svg = render_chart(report)
     assert svg == render_chart(report)
     ET.fromstring(svg)
@@ -153,7 +153,8 @@ def test_main_carries_the_card_columns_and_the_chart(run_work):
 
 def test_reference_against_itself_is_zero_and_reruns_are_cached(run_work, real_converter, tiny_llama_exl2, monkeypatch):
     p = core.open_work(run_work)
-    spec = core.EvalSpec(**core.recorded_spec(run_work))
+    spec = core.recorded_spec(run_work)
+    assert spec is not None and (spec.rows, spec.length, spec.top_k) == (4, 128, 32)
     with core.for_pipeline(p, spec) as ev:
         self_eval = ev.branches({"unquantized": tiny_llama_exl2}, check=False)["unquantized"]
     assert self_eval.status == "done" and self_eval.kl_mean < 1e-6 and self_eval.top1_agreement == 1.0

@@ -11,7 +11,8 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from quantkit.cli.output import Output
-from quantkit.eval.core import EvalReport, EvalSpec, check_branch, for_pipeline, open_work, recorded_spec
+from quantkit.eval.core import EvalSpec, check_branch, for_pipeline, open_work, recorded_spec
+from quantkit.eval.records import EvalReport
 from quantkit.workfolder import converted_branches
 
 
@@ -70,7 +71,8 @@ def eval_cmd(work: Path, branches: tuple[str, ...], source: str | None, rows: in
     """
     out = Output(quiet=fmt == "json")
     given = {"source": source, "rows": rows, "length": length, "top_k": top_k, "reference": reference}
-    spec = EvalSpec(**(recorded_spec(work) | {k: v for k, v in given.items() if v is not None}
+    recorded = recorded_spec(work)
+    spec = EvalSpec(**((recorded.model_dump() if recorded else {}) | {k: v for k, v in given.items() if v is not None}
                        | {"allow_overlap": allow_overlap, "enabled": True}))
     p = open_work(work)
     names = list(branches) or converted_branches(work)
@@ -89,8 +91,8 @@ def eval_cmd(work: Path, branches: tuple[str, ...], source: str | None, rows: in
 
 
 def table(report: EvalReport, names: list[str]) -> Table:
-    t = Table(title=f"{report.text['tokens']:,} tokens of {report.text['name']}; unquantized PPL "
-                    f"{report.reference.get('perplexity') or 0:.4g} ({report.reference.get('mode')})")
+    t = Table(title=f"{report.text.tokens:,} tokens of {report.text.name}; unquantized PPL "
+                    f"{report.reference.perplexity or 0:.4g} ({report.reference.mode})")
     for col in ("Branch", "bpw", "PPL", "KL mean", "KL median", "KL p99", "Top-1", "State"):
         t.add_column(col)
     for name in names:

@@ -35,10 +35,10 @@ def card_quality(work: Path, repo: str) -> CardQuality | None:
     if not done:
         return None
     t = report.text
-    ref = report.reference.get("perplexity")
+    ref = report.reference.perplexity
     note = (f"KL: mean KL divergence (nats per token) of each branch's next-token distribution from the unquantized "
-            f"model's; PPL: perplexity. Both over {t['tokens']:,} tokens ({t['rows']} rows of {t['length']}) of "
-            f"{t['name']} (sha256 `{str(t['sha256'])[:12]}`), which is not the calibration set, with exllamav2 "
+            f"model's; PPL: perplexity. Both over {t.tokens:,} tokens ({t.rows} rows of {t.length}) of "
+            f"{t.name} (sha256 `{t.sha256[:12]}`), which is not the calibration set, with exllamav2 "
             f"{report.exllamav2_version}" + (f"; the unquantized model's PPL is {_ppl(ref)}" if ref else "") + ". "
             "Top-1 agreement, median and p99 KL are in `eval.json` on the main branch.")
     chart = f"https://huggingface.co/{repo}/resolve/main/{CHART_NAME}" if (work / CHART_NAME).is_file() else None

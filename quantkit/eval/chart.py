@@ -13,7 +13,7 @@ from quantkit.files import write_text_atomic
 from quantkit.units import format_gib
 
 if TYPE_CHECKING:
-    from quantkit.eval.core import EvalReport
+    from quantkit.eval.records import EvalReport
 
 TEMPLATE = "eval-chart.svg.j2"
 WIDTH, HEIGHT = 760, 320
@@ -77,7 +77,7 @@ def render_chart(report: EvalReport) -> str | None:
     bits = [(b.achieved_bpw or b.bits or 0.0, b.kl_mean or 0.0, b.branch) for b in done]
     unit, scale = ("GiB", 1024**3) if max(b.bytes or 0 for b in done) >= 1024**3 else ("MiB", 1024**2)
     size = [((b.bytes or 0) / scale, b.perplexity or 0.0, b.branch) for b in done]
-    ref_ppl = report.reference.get("perplexity")
+    ref_ppl = report.reference.perplexity
     panels = [
         _panel(PANELS_X[0], "KL divergence vs the unquantized model", "bits per weight (decoder)", "mean KL (nats/token)",
                bits, from_zero=True),
@@ -86,7 +86,7 @@ def render_chart(report: EvalReport) -> str | None:
     ]
     env = Environment(loader=PackageLoader("quantkit", "templates"), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
-    caption = (f"{report.text['tokens']} tokens of {report.text['name']} (sha256 {report.text['sha256'][:12]}), "
+    caption = (f"{report.text.tokens} tokens of {report.text.name} (sha256 {report.text.sha256[:12]}), "
                f"exllamav2 {report.exllamav2_version}; sizes {', '.join(f'{b.branch} {format_gib(b.bytes or 0)}' for b in done)}")
     return env.get_template(TEMPLATE).render(width=WIDTH, height=HEIGHT, panels=panels, caption=caption)
 

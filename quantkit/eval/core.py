@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from quantkit.errors import EvalReferenceFailed, NotAnExl2Branch, QuantkitError
 from quantkit.eval import CHART_NAME, REPORT_NAME
 from quantkit.eval import text as evtext
-from quantkit.files import read_json, write_json_atomic
+from quantkit.eval.records import BranchEval, EvalReport, ReferenceInfo, TaskResult, TextInfo, read_result, write
 
 WORKER_ENV = "QUANTKIT_EVAL_WORKER"
 REFERENCE = "reference"
@@ -67,38 +67,6 @@ class EvalSpec(BaseModel):
         return check_count(info.field_name, v)
 
 
-class BranchEval(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    branch: str
-    status: Literal["done", "failed"]
-    error: str | None = None
-    mode: str | None = None  # full | layers
-    bits: float | None = None
-    head_bits: int | None = None
-    achieved_bpw: float | None = None
-    bytes: int | None = None
-    perplexity: float | None = None
-    kl_mean: float | None = None
-    kl_median: float | None = None
-    kl_p99: float | None = None
-    top1_agreement: float | None = None
-
-
-class EvalReport(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    version: int = 1
-    text: dict[str, Any]  # name, sha256, rows, length, tokens, tokenizer_sha256
-    exllamav2_version: str
-    reference: dict[str, Any]  # mode, perplexity, model
-    top_k: int
-    branches: dict[str, BranchEval] = Field(default_factory=dict)
-
-    def failed(self) -> list[str]:
-        return [b for b, r in self.branches.items() if r.status == "failed"]
-
-
 # ---- reading a work folder's results ------------------------------------------------------------------
 
 
@@ -107,8 +75,8 @@ def read_report(work: Path) -> EvalReport | None:
     if not path.is_file():
         return None
     try:
-        return EvalReport(**read_json(path))
-    except (OSError, ValueError, TypeError):
+        return EvalReport.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
 
 
@@ -142,6 +110,13 @@ def _needs(folder: Path, length: int) -> dict[str, int]:
 
 
 # ---- the evaluation -------------------------------------------------------------------------------------
+
+
+def _same(path: Path, info: TextInfo) -> bool:
+    try:
+        return TextInfo.model_validate_json(path.read_text(encoding="utf-8")) == info
+    except (OSError, ValueError):
+        return False
 
 
 def worker_command() -> list[str]:
@@ -199,13 +174,13 @@ class Evaluation:
         self.say = say or (lambda _m: None)
         self.on_row = on_row or (lambda _t, _r, _n: None)
         self.dir = work / "eval"
-        self._text: dict[str, Any] | None = None
+        self._text: TextInfo | None = None
         self._proc: subprocess.Popen[str] | None = None
         self._log: Any = None
 
     # ---- text and reference ---------------------------------------------------------------------------
 
-    def prepare_text(self) -> dict[str, Any]:
+    def prepare_text(self) -> TextInfo:
         """Tokenize the evaluation text into WORK/eval/tokens.safetensors (once per text and shape)."""
         if self._text is not None:
             return self._text
@@ -218,30 +193,27 @@ class Evaluation:
         warning = evtext.check_overlap(text, tokens.used, self.calibration, allow=s.allow_overlap)
         if warning:
             self.say(f"warning: {warning}")
-        info = {"name": text.name, "sha256": text.sha256, **evtext.as_dict(tokens), "tokenizer_sha256": tokens.tokenizer_sha256}
+        info = TextInfo(name=text.name, sha256=text.sha256, rows=len(tokens.rows), length=len(tokens.rows[0]), tokens=tokens.count,
+                        tokenizer_sha256=tokens.tokenizer_sha256)
         path = self.dir / "tokens.safetensors"
         meta = self.dir / "tokens.json"
-        if not (path.is_file() and meta.is_file() and read_json(meta) == info):
+        if not (path.is_file() and meta.is_file() and _same(meta, info)):
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
             save_file({"input_ids": np.asarray(tokens.rows, dtype=np.int32)}, str(tmp))
             tmp.replace(path)
-            write_json_atomic(meta, info)
+            write(meta, info)
         self._text = info
         return info
 
     def _key(self) -> str:
-        return _sha({"text": self.prepare_text(), "model": self.fingerprint, "top_k": self.spec.top_k, "how": self.spec.reference})
+        return _sha({"text": self.prepare_text().model_dump(), "model": self.fingerprint, "top_k": self.spec.top_k, "how": self.spec.reference})
 
-    def _ref_done(self) -> dict[str, Any] | None:
-        path = self.dir / "reference.json"
-        if path.is_file():
-            r = read_json(path)
-            if r.get("key") == self._key() and r.get("status") == "done":
-                return r
-        return None
+    def _ref_done(self) -> TaskResult | None:
+        r = read_result(self.dir / "reference.json")
+        return r if r is not None and r.key == self._key() and r.status == "done" else None
 
-    def reference(self) -> dict[str, Any]:
+    def reference(self) -> TaskResult:
         """The reference's result, computed (and its rows cached) when missing.
 
         Raises:
@@ -254,9 +226,9 @@ class Evaluation:
                 "mode": self.spec.reference, "top_k": self.spec.top_k, "needs": _needs(self.source_dir, self.spec.length),
                 "out": str(self.dir / "reference.json")}
         self._run([task])
-        r = read_json(self.dir / "reference.json") if (self.dir / "reference.json").is_file() else {}
-        if r.get("key") != self._key() or r.get("status") != "done":
-            raise EvalReferenceFailed(self.source_dir.name, str(r.get("error") or "the worker wrote no result"))
+        r = read_result(self.dir / "reference.json")
+        if r is None or r.key != self._key() or r.status != "done":
+            raise EvalReferenceFailed(self.source_dir.name, (r.error if r is not None else None) or "the worker wrote no result")
         return r
 
     # ---- branches ---------------------------------------------------------------------------------------
@@ -270,28 +242,29 @@ class Evaluation:
         """
         qcs = {name: check_branch(folder) if check else {} for name, folder in folders.items()}
         ref = self.reference()
-        todo, results = [], {}
+        todo: list[dict[str, Any]] = []
+        results: dict[str, TaskResult] = {}
         for name, folder in folders.items():
-            key = _sha({"eval": ref["key"], "branch": _branch_key(folder)})
+            key = _sha({"eval": ref.key, "branch": _branch_key(folder)})
             out = self.dir / "branches" / f"{name}.json"
-            cached = read_json(out) if out.is_file() else {}
-            if cached.get("key") == key:
+            cached = read_result(out)
+            if cached is not None and cached.key == key:
                 results[name] = cached
                 continue
             out.unlink(missing_ok=True)
             try:
                 needs = _needs(folder, self.spec.length)
             except QuantkitError as exc:  # its headers or config do not read: it cannot load either
-                results[name] = {"status": "failed", "error": f"does not load: {exc}"}
+                results[name] = TaskResult(name=name, key=key, status="failed", error=f"does not load: {exc}")
+                write(out, results[name])
                 continue
             todo.append({"name": name, "kind": "branch", "folder": str(folder), "key": key, "mode": "auto",
                          "needs": needs, "out": str(out)})
         if todo:
             self._run(todo)
         for task in todo:
-            out = Path(task["out"])
-            results[task["name"]] = read_json(out) if out.is_file() else {
-                "status": "failed", "error": "the evaluation worker died while evaluating it"}
+            results[task["name"]] = read_result(Path(task["out"])) or TaskResult(
+                name=task["name"], key=task["key"], status="failed", error="the evaluation worker wrote no result")
         evals = {name: self._branch_eval(name, folders[name], qcs[name], results[name]) for name in folders}
         for name, ev in evals.items():
             if ev.status == "failed":
@@ -299,12 +272,12 @@ class Evaluation:
         return evals
 
     @staticmethod
-    def _branch_eval(name: str, folder: Path, qc: dict[str, Any], r: dict[str, Any]) -> BranchEval:
+    def _branch_eval(name: str, folder: Path, qc: dict[str, Any], r: TaskResult) -> BranchEval:
         from quantkit.workfolder import read_branch_provenance
 
         qk = read_branch_provenance(folder) if (folder / "quantkit.json").is_file() else None
-        figures = {k: r.get(k) for k in ("perplexity", "kl_mean", "kl_median", "kl_p99", "top1_agreement")}
-        return BranchEval(branch=name, status=r.get("status", "failed"), error=r.get("error"), mode=r.get("mode"),
+        figures = r.model_dump(include={"perplexity", "kl_mean", "kl_median", "kl_p99", "top1_agreement"})
+        return BranchEval(branch=name, status=r.status, error=r.error, mode=r.mode,
                           bits=qk.bits if qk else qc.get("bits"), head_bits=qk.head_bits if qk else qc.get("head_bits"),
                           achieved_bpw=qk.achieved_decoder_bpw if qk else None,
                           bytes=sum(p.stat().st_size for p in folder.glob("*.safetensors")), **figures)
@@ -347,9 +320,9 @@ class Evaluation:
                 # The first task without a result is the one the worker died in: the others go on.
                 dead = next((t for t in remaining if not Path(t["out"]).is_file()), None)
                 if dead is not None:
-                    write_json_atomic(Path(dead["out"]), {"name": dead["name"], "key": dead["key"], "status": "failed",
-                                                          "error": f"the evaluation worker exited with status {code} while on it "
-                                                                   f"(log: {self.dir / 'worker.log'})"})
+                    write(Path(dead["out"]), TaskResult(name=dead["name"], key=dead["key"], status="failed",
+                                                        error=f"the evaluation worker exited with status {code} while on it "
+                                                              f"(log: {self.dir / 'worker.log'})"))
             remaining = [t for t in remaining if not Path(t["out"]).is_file()]
 
     def close(self) -> None:
@@ -395,12 +368,13 @@ class Evaluation:
 
         ref = self.reference()
         old = read_report(self.work)
-        branches = dict(old.branches) if old is not None and old.text.get("sha256") == self.prepare_text()["sha256"] else {}
+        text = self.prepare_text()
+        branches = dict(old.branches) if old is not None and old.text == text and old.top_k == self.spec.top_k else {}
         branches.update(evals)
-        report = EvalReport(text=self.prepare_text(), exllamav2_version=str(ref.get("exllamav2_version", "unknown")), top_k=self.spec.top_k,
-                            reference={"model": self.source_dir.name, "mode": ref.get("mode"), "perplexity": ref.get("perplexity")},
+        report = EvalReport(text=text, exllamav2_version=ref.exllamav2_version, top_k=self.spec.top_k,
+                            reference=ReferenceInfo(model=self.source_dir.name, mode=ref.mode, perplexity=ref.perplexity),
                             branches=dict(sorted(branches.items(), key=lambda kv: -(kv[1].bits or 0))))
-        write_json_atomic(self.work / REPORT_NAME, report.model_dump(mode="json"))
+        write(self.work / REPORT_NAME, report)
         write_chart(report, self.work / CHART_NAME)
         return report
 
@@ -413,15 +387,17 @@ def for_pipeline(p: Any, spec: EvalSpec, *, say: Say | None = None, on_row: OnRo
     """The evaluation of `p`'s work folder (a `quantkit.pipeline.Pipeline`). The reference is what the
     branches were converted from: the adapter's working copy when the model needed one."""
     source = p.converter_input() if p.adapter is not None else p.model_dir
-    write_json_atomic(p.work.root / "eval" / "spec.json", spec.model_dump(mode="json"))
+    write(p.work.root / "eval" / "spec.json", spec)
     return Evaluation(p.work.root, spec, source_dir=source, tokenizer_dir=p.model_dir, fingerprint=p.fingerprint,
                       calibration=p.work.calibration / "calibration.parquet", say=say, on_row=on_row)
 
 
-def recorded_spec(work: Path) -> dict[str, Any]:
+def recorded_spec(work: Path) -> EvalSpec | None:
     """The spec the last evaluation of `work` used (what `quantkit run` wrote), as defaults for `quantkit eval`."""
-    path = work / "eval" / "spec.json"
-    return read_json(path) if path.is_file() else {}
+    try:
+        return EvalSpec.model_validate_json((work / "eval" / "spec.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def open_work(work: Path) -> Any:

@@ -129,7 +129,3 @@ def check_overlap(text: EvalText, used: str, parquet: Path, *, allow: bool) -> s
         raise EvalOverlapsCalibration(text.name, share, parquet)
     return (f"{share:.0%} of the evaluation text {text.name} is also in the calibration set {parquet}: "
             "the figures flatter the quants")
-
-
-def as_dict(tokens: EvalTokens) -> dict[str, Any]:
-    return {"rows": len(tokens.rows), "length": len(tokens.rows[0]), "tokens": tokens.count}

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from quantkit.eval import metrics
-from quantkit.files import write_json_atomic
+from quantkit.eval.records import TaskResult, write
 
 
 def _say(event: str, **data: Any) -> None:
@@ -81,12 +81,12 @@ def _version() -> str:
 
 
 def run_task(task: dict[str, Any], rows: list[Any], reference: Path, free: tuple[int, str] | None,
-             missing: str | None = None) -> dict[str, Any]:
+             missing: str | None = None) -> TaskResult:
     mode, why = choose_mode(task, free, missing)
     _say("plan", task=task["name"], kind=task["kind"], mode=mode, why=why)
     base = {"name": task["name"], "mode": mode, "key": task["key"], "exllamav2_version": _version()}
     if mode == "none":
-        return base | {"status": "failed", "error": why if missing or free is None else f"does not fit: {why}"}
+        return TaskResult(**base, status="failed", error=why if missing or free is None else f"does not fit: {why}")
     model = None
     try:
         logits, model = _logits(task, mode, rows)
@@ -97,15 +97,15 @@ def run_task(task: dict[str, Any], rows: list[Any], reference: Path, free: tuple
             else:
                 bad = metrics.non_finite(row)
                 if bad:
-                    return base | {"status": "failed", "error": f"non-finite logits in row {i} ({bad} values)"}
+                    return TaskResult(**base, status="failed", error=f"non-finite logits in row {i} ({bad} values)")
                 acc.add(metrics.compare_row(metrics.load_reference_row(reference, i), ids, row))
             _say("row", task=task["name"], row=i + 1, rows=len(rows))
         if task["kind"] == "reference":
-            return base | {"status": "done", **metrics.reference_summary(reference, len(rows))}
-        return base | {"status": "done", **acc.summary()}
+            return TaskResult(**base, status="done", **metrics.reference_summary(reference, len(rows)))
+        return TaskResult(**base, status="done", **acc.summary())
     except Exception as exc:  # noqa: BLE001 - a branch that does not load is a result, said and recorded
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        return base | {"status": "failed", "error": f"{'does not load' if model is None else 'forward failed'}: {last}"}
+        return TaskResult(**base, status="failed", error=f"{'does not load' if model is None else 'forward failed'}: {last}")
     finally:
         if model is not None:
             model.close()
@@ -129,8 +129,8 @@ def main() -> int:
             if free is not None:
                 free = forward.free_vram()  # what the previous model left behind
             result = run_task(task, rows, reference, free, missing)
-            write_json_atomic(Path(task["out"]), result)
-            _say("done", task=task["name"], status=result["status"], error=result.get("error"))
+            write(Path(task["out"]), result)
+            _say("done", task=task["name"], status=result.status, error=result.error)
         _say("idle")
     return 0
 
