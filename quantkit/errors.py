@@ -171,9 +171,10 @@ class InvalidRepoId(QuantkitError):
 
 
 class InvalidBranchName(QuantkitError):
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, source: str | None = None) -> None:
         super().__init__(f"branch name {name!r}")
         self.name = name
+        self.source = source  # the recipe or branch-set file that named it, or None for flags
 
 
 class NoHubToken(QuantkitError):
@@ -417,3 +418,85 @@ class PublishFailed(QuantkitError):
         self.branch = branch
         self.target = target
         self.cause = cause
+
+
+# ---- refusals before any work: names, paths, the work folder's lock and files ---------------------
+
+
+class DuplicateBranchName(QuantkitError):
+    def __init__(self, name: str, source: str | None = None) -> None:
+        super().__init__(f"branch name {name!r} given twice")
+        self.name = name
+        self.source = source
+
+
+class RecipeUnknownKey(QuantkitError):
+    """A key no reader knows: a typo would otherwise be ignored (`head_bit = 6`)."""
+
+    def __init__(self, path: Path, key: str, table: str, known: list[str]) -> None:
+        super().__init__(f"{path}: unknown key {key!r} in {table}")
+        self.path = path
+        self.key = key
+        self.table = table
+        self.known = known
+
+
+class PathOverlapsModel(QuantkitError):
+    """A path quantkit would write is the source model folder, lies inside it, or holds it."""
+
+    def __init__(self, what: str, path: Path, model_dir: Path) -> None:
+        super().__init__(f"{what} {path} overlaps the model folder {model_dir}")
+        self.what = what
+        self.path = path
+        self.model_dir = model_dir
+
+
+class PathLeavesWork(QuantkitError):
+    def __init__(self, what: str, path: Path, work: Path) -> None:
+        super().__init__(f"{what} {path} is outside the work folder {work}")
+        self.what = what
+        self.path = path
+        self.work = work
+
+
+class PathOverlapsWork(QuantkitError):
+    """A path given for something else is the work folder, or a folder quantkit fills inside it."""
+
+    def __init__(self, what: str, path: Path, work: Path) -> None:
+        super().__init__(f"{what} {path} overlaps the work folder {work}")
+        self.what = what
+        self.path = path
+        self.work = work
+
+
+class OutputPathInvalid(QuantkitError):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class WorkFolderBusy(QuantkitError):
+    """Another process holds the work folder's lock."""
+
+    def __init__(self, work: Path, pid: int | None, command: str | None) -> None:
+        super().__init__(f"{work} is in use by PID {pid}: {command}")
+        self.work = work
+        self.pid = pid
+        self.command = command
+
+
+class WorkFolderNotWritable(QuantkitError):
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class WorkFileCorrupt(QuantkitError):
+    """One of quantkit's own records in the work folder (state.json, recipe.json) does not read back."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason

@@ -26,15 +26,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from quantkit import __version__, calibration
+from quantkit import __version__, calibration, guards
 from quantkit.branches import Branch
 from quantkit.errors import (
-    ConfigUnreadable,
     DiskTooSmall,
     MeasurementMissing,
     NotEnoughText,
     NoWeights,
     SettingsLocked,
+    WorkFileCorrupt,
     WorkFolderMismatch,
 )
 from quantkit.exl2 import converter as conv
@@ -69,6 +69,42 @@ class Settings(BaseModel):
     def _positive(cls, v: int, info: Any) -> int:
         return calibration.check_count(info.field_name, v)
 
+    @field_validator("branches")
+    @classmethod
+    def _unique(cls, v: list[Branch]) -> list[Branch]:
+        guards.check_unique_branches(b.name for b in v)
+        return v
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """One of quantkit's own JSON records in WORK (recipe.json, state.json) as an object; {} when absent.
+
+    Raises:
+        WorkFileCorrupt: it does not parse, or is not an object.
+    """
+    try:
+        data = read_json(path)
+    except (FileNotFoundError, NotADirectoryError):  # a file in WORK's place is refused by the lock
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise WorkFileCorrupt(path, f"not valid JSON ({exc.__class__.__name__})") from exc
+    if not isinstance(data, dict):
+        raise WorkFileCorrupt(path, f"holds a JSON {type(data).__name__}, not quantkit's record (an object)")
+    return data
+
+
+def recorded_settings(work: Path) -> dict[str, Any]:
+    """The settings WORK/recipe.json recorded, or {} for a new work folder.
+
+    Raises:
+        WorkFileCorrupt.
+    """
+    path = work / "recipe.json"
+    settings = read_record(path).get("settings", {})
+    if not isinstance(settings, dict):
+        raise WorkFileCorrupt(path, "its settings are not an object")
+    return settings
+
 
 class StepState(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -92,10 +128,10 @@ class Work:
         self.provenance = meas.provenance_path(self.measurement)
 
     def job(self, branch: str) -> Path:
-        return self.root / "jobs" / branch
+        return guards.check_in_work(self.root / "jobs" / guards.check_branch_name(branch), self.root, what=f"branch {branch}'s job folder")
 
     def out(self, branch: str) -> Path:
-        return self.root / "out" / branch
+        return guards.check_in_work(self.root / "out" / guards.check_branch_name(branch), self.root, what=f"branch {branch}'s output folder")
 
 
 class State:
@@ -104,12 +140,14 @@ class State:
     def __init__(self, work: Work) -> None:
         self.work = work
         self.steps: dict[str, StepState] = {}
-        if work.state.is_file():
-            try:
-                raw = read_json(work.state)
-                self.steps = {k: StepState(**v) for k, v in raw.get("steps", {}).items()}
-            except (OSError, ValueError, TypeError) as exc:
-                raise ConfigUnreadable(work.state, f"not a quantkit state file ({exc.__class__.__name__})") from exc
+        raw = read_record(work.state)
+        steps = raw.get("steps", {})
+        try:
+            if not isinstance(steps, dict):
+                raise TypeError("steps is not an object")
+            self.steps = {k: StepState(**v) for k, v in steps.items()}
+        except (ValueError, TypeError) as exc:
+            raise WorkFileCorrupt(work.state, f"its steps do not read back ({exc.__class__.__name__})") from exc
 
     def get(self, step: str) -> StepState:
         return self.steps.get(step, StepState())
@@ -162,6 +200,7 @@ class Pipeline:
             self.model = self._download(self.model)
         assert self.model.path is not None
         self.model_dir: Path = self.model.path
+        guards.check_work_folder(work, self.model_dir)  # before anything reads or writes WORK
         if not any(self.model_dir.glob("*.safetensors")):
             raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
         # Always the user's source model, adapter or not: a rerun on the same source matches its work.
@@ -193,10 +232,14 @@ class Pipeline:
         self.work.root.mkdir(parents=True, exist_ok=True)
         new = self.settings
         if self.work.recipe.is_file():
-            recorded = read_json(self.work.recipe)
+            recorded = read_record(self.work.recipe)
+            settings = recorded_settings(self.work.root)
             if recorded.get("model_fingerprint") != self.fingerprint:
-                raise WorkFolderMismatch(self.work.root, recorded.get("settings", {}).get("model", "another model"), new.model)
-            old = Settings(**recorded["settings"])
+                raise WorkFolderMismatch(self.work.root, str(settings.get("model", "another model")), new.model)
+            try:
+                old = Settings(**settings)
+            except (ValueError, TypeError) as exc:
+                raise WorkFileCorrupt(self.work.recipe, f"its settings do not read back ({exc.__class__.__name__})") from exc
             resets: list[str] = []
             for field in ("calibration", "calibration_source", "measurement_rows", "length"):
                 if getattr(old, field) != getattr(new, field) and self.state.get("calibration").status != "pending":
@@ -415,6 +458,6 @@ class Pipeline:
                             "measurement_rows": prov.rows, "measurement_length": prov.length},
             "exllamav2_version": conv.converter_version(), "quantkit_version": __version__, "adapter": self.adapter_record(),
         }
-        written = fin.finalize(out, record)
+        written = fin.finalize(out, record, source_dir=self.input_dir)
         self.state.mark(step, "done", achieved_decoder_bpw=record["achieved_decoder_bpw"])
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)

@@ -13,18 +13,18 @@ what is missing, and a commit that silently changed nothing is caught. Files qua
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from quantkit.errors import BranchVerifyFailed, ForeignFiles, InvalidBranchName, WorkFolderIncomplete
+from quantkit.errors import BranchVerifyFailed, ForeignFiles, WorkFolderIncomplete
+from quantkit.files import write_text_atomic
+from quantkit.guards import check_branch_name
 from quantkit.targets import RemoteFile, RetryableError, Target
 from quantkit.workfolder import MEASUREMENT, PROVENANCE, RECIPE, STATE, converted_branches, pick, read_json, update_state
 
-BRANCH_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 COMMIT_PREFIX = "quantkit"  # every commit quantkit makes starts with it: how it knows its own files
 CARD_NAME = "README.md"
 MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE)  # the recipe and provenance travel with the measurement
@@ -73,12 +73,6 @@ class FileHashes:
         if remote.sha256 is not None:
             return remote.sha256 == sha256
         return remote.blob_id == blob
-
-
-def check_branch_name(name: str) -> str:
-    if not BRANCH_NAME.match(name) or name in {".", ".."} or name.endswith(".lock"):
-        raise InvalidBranchName(name)
-    return name
 
 
 def main_files(work: Path, card: Path) -> dict[str, Path]:
@@ -240,8 +234,8 @@ def write_card(work: Path, repo: str | None, *, prompt_format: str | None = None
     parse_card(text)
     path = work / "publish" / CARD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+    if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+        write_text_atomic(path, text)
     return path
 
 

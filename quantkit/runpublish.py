@@ -62,13 +62,12 @@ class BackgroundPublisher:
         self._futures: list[tuple[str, Future[pub.BranchResult]]] = []
 
     def begin(self) -> pub.BranchResult:
-        """Card, target and `main`. The card is written once per target: a resumed run reuses it, so
-        branches published before a crash do not get a new README commit."""
+        """Card, target and `main`. The card is rendered again on every run, never read back from disk:
+        a file left by a crash could be half written (write_card rewrites it only when it differs, so an
+        unchanged card makes no new README commit)."""
         for w in self.warnings:
             self.say(f"warning: {w}")
-        card = self.work / "publish" / pub.CARD_NAME
-        if not (card.is_file() and pub.published(self.work, "main", self.target.id) is not None):
-            card = pub.write_card(self.work, self.spec.repo, prompt_format=self.spec.prompt_format)
+        card = pub.write_card(self.work, self.spec.repo, prompt_format=self.spec.prompt_format)
         self.card = card
         if isinstance(self.target, HubTarget):
             from quantkit.card import _hub_id

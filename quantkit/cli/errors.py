@@ -45,7 +45,7 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.UnknownPromptFormat: lambda x: f"prompt format {x.value!r} is neither a known name nor a format containing {{prompt}}: use one of {', '.join(x.known)}, or e.g. --prompt-format '### User:\\n{{prompt}}\\n### Assistant:\\n'",
     e.WorkFolderIncomplete: lambda x: f"{x.work}: {x.missing}; {x.remedy}",
     e.InvalidRepoId: lambda x: f"repo id {x.repo_id!r} is not valid ({x.reason}): write it as USER/NAME, e.g. --repo alice/Llama-3-8B-exl2",
-    e.InvalidBranchName: lambda x: f"branch name {x.name!r} is not allowed: use only letters, digits, '.', '_' and '-' (like 6_5 or 6.5bpw)",
+    e.InvalidBranchName: lambda x: f"branch name {x.name!r}" + (f" in {x.source}" if x.source else "") + " is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit, without '..' (like 6_5 or 6.5bpw)",
     e.NoHubToken: lambda x: "no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN), or publish into a local git repository with --to PATH",
     e.TokenCannotWrite: lambda x: f"the token of {x.user} cannot write to {x.namespace} ({x.reason}): create a write token at https://huggingface.co/settings/tokens, or publish under your own name",
     e.HubRequestFailed: lambda x: f"{x.action} failed on the Hub (HTTP {x.status or 'no response'}" + (f", after {x.attempts} attempts" if x.attempts > 1 else "") + f"): {x.reason}; rerun `quantkit publish`, it finishes only what is missing",
@@ -78,6 +78,16 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.RecipeUnreadable: lambda x: f"recipe {x.path}: {x.reason}; see `quantkit run --help` for the format",
     e.PublishFailed: lambda x: f"branch {x.branch} was converted but not published to {x.target}: {format_error(x.cause)} "
                                "(rerun `quantkit run RECIPE`: it publishes only what is missing)",
+    # refusals before any work: names, paths, the work folder's lock and files
+    e.DuplicateBranchName: lambda x: f"branch name {x.name!r} is given twice" + (f" in {x.source}" if x.source else "") + ": give each branch its own name (two bitrates would share one folder and one Hub branch)",
+    e.RecipeUnknownKey: lambda x: f"recipe {x.path}: unknown key {x.key!r} in {x.table}: fix its spelling or remove it (known: {', '.join(x.known)})",
+    e.PathOverlapsModel: lambda x: f"{x.what} {x.path} overlaps the model folder {x.model_dir}, which quantkit never writes: pick a folder outside it",
+    e.PathLeavesWork: lambda x: f"{x.what} {x.path} leads outside the work folder {x.work} (a symlink on the way?): remove the link or pick another --work",
+    e.PathOverlapsWork: lambda x: f"{x.what} {x.path} is the work folder {x.work} or a folder quantkit fills inside it: pick a folder of its own (without --to, publishing goes to {x.work}/hub-repo)",
+    e.OutputPathInvalid: lambda x: f"{x.path}: {x.reason}: pick another output path",
+    e.WorkFolderBusy: lambda x: f"{x.work} is in use by PID {x.pid if x.pid is not None else '(unknown)'} ({x.command or 'another quantkit'}): wait for it to finish, or stop it, then rerun",
+    e.WorkFolderNotWritable: lambda x: f"{x.path}: {x.reason}: make the work folder writable (chmod u+w) or pick another --work",
+    e.WorkFileCorrupt: lambda x: f"{x.path}: {x.reason}; it is quantkit's own record: delete it (finished files are checked again and kept) or use another --work",
 }
 
 

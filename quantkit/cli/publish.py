@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from quantkit.cli.output import Output
+from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
@@ -33,6 +34,7 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, 
       git -C /tmp/llama3-exl2 log --all --oneline
     """
     from quantkit.card import _hub_id
+    from quantkit.guards import check_publish_paths
     from quantkit.publish import choose_target
     from quantkit.publish import publish as run_publish
     from quantkit.publish import upload_bytes, write_card
@@ -40,15 +42,17 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, 
     from quantkit.workfolder import source_model
 
     out = Output()
+    check_publish_paths(work, to)
     choice = choose_target(work, repo=repo, to=to, private=private)
     target = choice.target
     for warning in choice.warnings:
         out.warn(warning)
-    if isinstance(target, HubTarget):
-        card = write_card(work, repo, prompt_format=prompt_fmt)
-        for line in target.preflight(upload_bytes=upload_bytes(work, card), source=_hub_id(source_model(work)),
-                                     card_text=card.read_text(encoding="utf-8")):
-            out.info(line)
-    results = run_publish(work, target, repo=repo, force=force, prompt_format=prompt_fmt, progress=out.info)
+    with work_lock(work, command_line("publish", work, "--repo", repo)):
+        if isinstance(target, HubTarget):
+            card = write_card(work, repo, prompt_format=prompt_fmt)
+            for line in target.preflight(upload_bytes=upload_bytes(work, card), source=_hub_id(source_model(work)),
+                                         card_text=card.read_text(encoding="utf-8")):
+                out.info(line)
+        results = run_publish(work, target, repo=repo, force=force, prompt_format=prompt_fmt, progress=out.info)
     made = sum(r.committed for r in results)
     out.info(f"{target.id}: {len(results)} branches verified, {made} commit{'s' if made != 1 else ''} made")
