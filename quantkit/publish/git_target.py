@@ -16,7 +16,7 @@ from pathlib import Path
 
 from quantkit.errors import GitFailed, LocalTargetDirty
 from quantkit.files import write_json_atomic
-from quantkit.targets import RemoteFile, Target
+from quantkit.publish.target import RemoteFile, Target
 
 #: The Hub's first commit holds a .gitattributes sending big binaries to LFS; the local target mirrors it.
 GITATTRIBUTES = "\n".join(f"{p} filter=lfs diff=lfs merge=lfs -text" for p in (
