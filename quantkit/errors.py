@@ -443,6 +443,23 @@ class WorkFolderMismatch(WorkFolderError):
     model: str
 
 
+class WorkFolderIncompatible(WorkFolderError):
+    """A work folder file of another format version than this quantkit reads."""
+
+    summary = "{path}: format {found}, this quantkit reads format {supported}"
+    path: Path
+    found: object
+    supported: int
+
+
+class WorkFolderCorrupt(WorkFolderError):
+    """A work folder file that is not the record quantkit writes there."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
 class WorkFolderIncomplete(WorkFolderError):
     """A step needs a file an earlier step has not written yet."""
 
@@ -488,14 +505,6 @@ class WorkFolderBusy(WorkFolderError):
 
 class WorkFolderNotWritable(WorkFolderError):
     """The work folder (or a file in it) cannot be written."""
-
-    summary = "{path}: {reason}"
-    path: Path
-    reason: str
-
-
-class WorkFileCorrupt(WorkFolderError):
-    """One of quantkit's own records in the work folder (state.json, recipe.json) does not read back."""
 
     summary = "{path}: {reason}"
     path: Path

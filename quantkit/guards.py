@@ -112,12 +112,13 @@ def check_in_work(folder: Path, work: Path, *, what: str) -> Path:
 def recorded_model_dir(work: Path) -> Path | None:
     """The source model folder a work folder records (recipe.json's model_dir, else its model), when
     it is a local folder."""
-    from quantkit.workfolder import pick, read_json, source_model
+    from quantkit.errors import QuantkitError
+    from quantkit.workfolder import read_settings, source_model
 
     try:
-        recorded = pick(read_json(work / "recipe.json"), "model_dir")
-        ref = recorded if isinstance(recorded, str) else source_model(work)
-    except Exception:  # noqa: BLE001 - a corrupt record is refused by the reader that needs it
+        record = read_settings(work)
+        ref = record.model_dir if record is not None else source_model(work)
+    except QuantkitError:  # a corrupt record is refused by the reader that needs it
         return None
     return local_model_dir(ref)
 
