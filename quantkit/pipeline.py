@@ -78,6 +78,8 @@ class Pipeline:
         assert self.model.path is not None
         self.model_dir: Path = self.model.path
         guards.check_work_folder(work, self.model_dir)  # before anything reads or writes WORK
+        for b in settings.branches:  # each branch's folders resolve inside WORK (Work checks them)
+            self.work.job(b.name), self.work.out(b.name)
         if not any(self.model_dir.glob("*.safetensors")):
             raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
         # Always the user's source model, adapter or not: a rerun on the same source matches its work.
