@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from quantkit import calibration
+from quantkit import calibration, guards
 from quantkit.branches import Branch
 from quantkit.errors import (
     DiskTooSmall,
@@ -78,6 +78,7 @@ class Pipeline:
         self.converter = converter or conv.Converter()
         self.listener = listener
         self.model = model or load_model(settings.model)
+        guards.check_work_folder(work, self.model.path)  # before anything reads or writes WORK
         #: The adapter's plan (load_model ran its check, so an unmappable config is already refused).
         self.adapter = self.model.adapter
         self.state = State(self.work)
@@ -100,6 +101,7 @@ class Pipeline:
         if self._model_dir is None:
             if self.model.path is None:
                 self.model = self._download(self.model)
+                guards.check_work_folder(self.work.root, self.model.path)  # the Hub snapshot, now it is known
             assert self.model.path is not None
             if not any(self.model.path.glob("*.safetensors")):
                 raise NoWeights(self.model.path, "*.safetensors: exllamav2 converts only safetensors checkpoints")
@@ -362,6 +364,6 @@ class Pipeline:
                                           measurement_rows=prov.rows, measurement_length=prov.length),
             exllamav2_version=conv.converter_version(), adapter=self.adapter_record(),
         )
-        written = fin.finalize(out, record)
+        written = fin.finalize(out, record, source_dir=self.input_dir)
         self.state.mark(step, "done", achieved_decoder_bpw=record.achieved_decoder_bpw)
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)
