@@ -8,7 +8,7 @@ A recipe:
     rows = 100                       # quantization pass
     measurement_rows = 16
     length = 2048
-    branches = "default"             # or a branch-set file, or inline [[branch]] tables
+    branches = "default"             # or a branch-set file, or inline [[branch]] tables ([[branches]] too)
 
     eval = false                     # optional: no evaluation; or an [eval] table (rows, length, source, top_k)
 
@@ -25,8 +25,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantkit.branches import Branch, default_branches, load_branch_file
-from quantkit.errors import QuantkitError, RecipeUnreadable
+from quantkit import EXLLAMAV2_VERSION, guards
+from quantkit.branches import branches_from_tables, default_branches, load_branch_file
+from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
@@ -34,6 +35,7 @@ from quantkit.plan import make_plan
 from quantkit.eval.core import EvalSpec, Evaluation, evaluate_branch
 from quantkit.publish import BackgroundPublisher, PublishOptions, choose_target
 from quantkit.publish.engine import published
+from quantkit.units import format_gib
 from quantkit.vram import CacheMode
 
 DRY_RUN_CONTEXT = 4096
@@ -58,27 +60,37 @@ def load_run_recipe(path: Path) -> RunRecipe:
         raise RecipeUnreadable(path, f"not valid TOML ({str(exc).splitlines()[0]})") from exc
     if "model" not in data:
         raise RecipeUnreadable(path, "it names no model (model = \"folder or hub id\")")
-    raw = data.pop("branches", "default")
-    data.pop("branch", None) if isinstance(raw, list) else None
+    known = [k for k in Settings.model_fields if k != "branches"] + ["work", "branches", "publish"]
+    for key in data:
+        if key not in known and key != "branch":
+            raise RecipeUnknownKey(path, key, "the recipe", known)
+    if "branch" in data and "branches" in data:
+        raise RecipeUnreadable(path, "it has both `branch` and `branches`: use one ([[branch]] tables, or branches = \"set\")")
+    # [[branch]] is how branches/default.toml and the docs write a table; [[branches]] is read the same.
+    raw = data.pop("branch", None) if "branch" in data else data.pop("branches", "default")
     if raw == "default":
         branches = default_branches()
     elif isinstance(raw, str):
         branches = load_branch_file((path.parent / raw) if not Path(raw).is_absolute() else Path(raw))
+    elif isinstance(raw, list):
+        branches = branches_from_tables(raw, file=path, table="[[branch]]")
     else:
-        try:
-            branches = [Branch(**b) for b in raw]
-        except (TypeError, ValidationError) as exc:
-            raise RecipeUnreadable(path, f"bad branches ({str(exc).splitlines()[0]})") from exc
+        raise RecipeUnreadable(path, "branches must be a branch-set name or file, or [[branch]] tables")
     work = data.pop("work", None)
     publish = _publish_spec(path, data.pop("publish", {}))
     evaluation = _eval_spec(path, data.pop("eval", True))
     model = data["model"]
+    if not isinstance(model, str):
+        raise RecipeUnreadable(path, "model must be a string (a folder or a Hub id)")
     if not Path(model).is_absolute() and (path.parent / model).is_dir():
         data["model"] = str((path.parent / model).resolve())
     try:
         settings = Settings(**data, branches=branches)
     except ValidationError as exc:
-        raise RecipeUnreadable(path, f"bad settings ({str(exc).splitlines()[0]}: {exc.errors()[0]['msg']})") from exc
+        first = exc.errors()[0]
+        raise RecipeUnreadable(path, f"bad settings ({'.'.join(str(x) for x in first['loc'])}: {first['msg']})") from exc
+    if work is not None and not isinstance(work, str):
+        raise RecipeUnreadable(path, "work must be a string (a folder)")
     return RunRecipe(settings=settings, work=(path.parent / work) if work else None, publish=publish, eval=evaluation)
 
 
@@ -96,6 +108,9 @@ def _eval_spec(path: Path, raw: Any) -> EvalSpec:
 def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if not isinstance(raw, dict):
         raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
+    for key in raw:
+        if key not in PublishOptions.model_fields:
+            raise RecipeUnknownKey(path, key, "[publish]", list(PublishOptions.model_fields))
     try:
         spec = PublishOptions(**raw)
     except ValidationError as exc:
@@ -103,6 +118,17 @@ def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if spec.to is not None and not spec.to.is_absolute():
         spec = spec.model_copy(update={"to": path.parent / spec.to})
     return spec
+
+
+def check_run_paths(r: RunRecipe, work: Path) -> None:
+    """The recipe's folders against the model folder, before any work: WORK, and [publish] to.
+
+    Raises:
+        PathOverlapsModel.
+    """
+    model_dir = guards.local_model_dir(r.settings.model)
+    guards.check_work_folder(work, model_dir)
+    guards.refuse_overlap(r.publish.to, model_dir, what="[publish] to")
 
 
 class DryStep(BaseModel):
@@ -124,6 +150,7 @@ class DryRun(BaseModel):
     note: str
     publish_target: str
     publish_warnings: list[str]
+    needs: list[str] = []  # what a real run needs that planning did not: weights, GPU, disk
 
 
 def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
@@ -149,15 +176,42 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     reachable = None
     unreachable: list[str] = []
     note = "reachable bitrates are known once the measurement exists"
-    try:
-        _meas, rng, _prov = p.analysis()
-        reachable = (rng.low, rng.high)
-        unreachable = [b.name for b in s.branches if not rng.contains(b.bits)]
-        note = "reachable bitrates from the measurement"
-    except QuantkitError:
-        pass
+    if p.work.measurement.is_file() and not p.has_local_weights():
+        note = "reachable bitrates are checked against the model once its weights are here"
+    elif p.work.measurement.is_file():
+        try:
+            _meas, rng, _prov = p.analysis()
+            reachable = (rng.low, rng.high)
+            unreachable = [b.name for b in s.branches if not rng.contains(b.bits)]
+            note = "reachable bitrates from the measurement"
+        except QuantkitError:
+            pass
     return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note,
-                  publish_target=choice.target.id, publish_warnings=choice.warnings)
+                  publish_target=choice.target.id, publish_warnings=choice.warnings, needs=run_needs(p, steps))
+
+
+def run_needs(p: Pipeline, steps: list[DryStep]) -> list[str]:
+    """What a real run needs beyond what planning read: the weights, a GPU with exllamav2, the disk."""
+    m = p.model
+    said: list[str] = []
+    weights = sum(t.nbytes for t in m.tensors.values())
+    if m.path is None:
+        size = f"{format_gib(weights)} of" if weights else "its"
+        said.append(f"weights: {size} safetensors, downloaded from the Hub ({m.ref}) into the Hugging Face cache")
+    elif not p.has_local_weights():
+        said.append(f"weights: {m.path} holds no *.safetensors; put the model's safetensors shards there "
+                    "(exllamav2 converts only safetensors)")
+    if p.adapter is not None and not p.has_local_weights():
+        said.append("adapt: its disk need is known once the weights are here")
+    pending = [x.needs for x in steps if x.needs is not None and not x.status.startswith("done")]
+    if any(n.vram_bytes for n in pending):
+        vram = max(n.vram_bytes for n in pending)
+        said.append(f"GPU: an NVIDIA GPU with about {format_gib(vram)} free and exllamav2 {EXLLAMAV2_VERSION} "
+                    "(pip install 'quantkit-exl2[exl2]')")
+    if pending:
+        # Each step's scratch is freed before the next, except the outputs; the largest step bounds it.
+        said.append(f"disk: {format_gib(max(n.disk_bytes for n in pending))} free in {p.work.root} for the largest step")
+    return said
 
 
 def _published_status(work: Path, branch: str, target_id: str) -> str:

@@ -67,10 +67,10 @@ def test_calibration_to_publish_through_the_real_converter(tmp_path, tiny_llama_
     for r, bits in zip(results, BITS, strict=True):
         prov = r.provenance
         # optimize.py fits under the target; the tiny model's few options leave it within 0.15 bpw
-        assert rng.low <= prov["achieved_decoder_bpw"] <= bits + 0.01
-        assert prov["achieved_decoder_bpw"] > bits - 0.15
-        assert 8.0 <= prov["achieved_head_bpw"] < 8.5  # 8-bit head: scales and groups on top
-        assert prov["exllamav2_version"] == "0.3.2"
+        assert rng.low <= prov.achieved_decoder_bpw <= bits + 0.01
+        assert prov.achieved_decoder_bpw > bits - 0.15
+        assert 8.0 <= prov.achieved_head_bpw < 8.5  # 8-bit head: scales and groups on top
+        assert prov.exllamav2_version == "0.3.2"
         assert sorted(x.name for x in r.folder.iterdir()) == BRANCH_FILES
         qc = json.loads((r.folder / "config.json").read_text())["quantization_config"]
         assert qc == {"quant_method": "exl2", "version": "0.3.2", "bits": bits, "head_bits": 8,
@@ -86,8 +86,8 @@ def test_calibration_to_publish_through_the_real_converter(tmp_path, tiny_llama_
     recipe = json.loads(git(repo, "show", "main:recipe.json"))
     assert recipe["settings"]["model"] == tiny_llama_exl2.name
     assert json.loads(git(repo, "show", "main:measurement.provenance.json"))["model_ref"] == tiny_llama_exl2.name
-    assert all(r.provenance["source_model"] == tiny_llama_exl2.name for r in results)
-    sizes = [r.provenance["bytes"] for r in results]
+    assert all(r.provenance.source_model == tiny_llama_exl2.name for r in results)
+    sizes = [r.provenance.bytes for r in results]
     assert sizes == sorted(sizes, reverse=True)  # more bits, more bytes
 
 
@@ -107,8 +107,8 @@ def test_adapted_architectures_convert_through_the_real_converter(tmp_path, real
     assert json.loads((result.folder / "config.json").read_text())["architectures"] == [ADAPTED[case]]
     raw = json.loads(p.work.measurement.read_text())["measurement"]
     assert sorted(k for k in raw if raw[k] is not None) == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp"))
-    assert 7.7 < result.provenance["achieved_decoder_bpw"] <= 8.01  # few, coarse options on a 2-layer model
-    assert result.provenance["adapter"]["target_arch"] == ADAPTED[case]
+    assert 7.7 < result.provenance.achieved_decoder_bpw <= 8.01  # few, coarse options on a 2-layer model
+    assert result.provenance.adapter.target_arch == ADAPTED[case]
     # the adapter's record (it names the local source folder) stays in the work folder
     assert "quantkit-adapter.json" not in [x.name for x in result.folder.iterdir()]
     assert_nothing_local_published(repo, ["main", result.branch], [src, work])

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from quantkit.cli.measure import say_adapter
@@ -14,9 +15,10 @@ from quantkit.cli.progress import StepProgress
 from quantkit.eval.core import failed_branches, for_pipeline
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
-from quantkit.run import load_run_recipe, run_all
 from quantkit.publish import BackgroundPublisher, PublishOptions
+from quantkit.run import check_run_paths, load_run_recipe, run_all
 from quantkit.units import format_gib
+from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
@@ -62,6 +64,7 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
     folder = work or r.work
     if folder is None:
         raise click.BadParameter("the recipe names no `work` folder: pass --work DIR", param_hint="--work")
+    check_run_paths(r, folder)
     if dry_run:
         p = Pipeline(r.settings, folder)
         say_adapter(out, p)
@@ -69,7 +72,7 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
         return
     start = time.monotonic()
     publisher = BackgroundPublisher(folder, r.publish, say=out.info)  # a bad repo id fails before any work
-    with StepProgress(out) as view:
+    with work_lock(folder, command_line("run", recipe)), StepProgress(out) as view:
         p = Pipeline(r.settings, folder, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)
@@ -105,5 +108,7 @@ def dry_run_plan(p: Pipeline, publish: PublishOptions) -> Table:
     if notes:
         t.caption = "\n".join([t.caption, *notes])
     t.caption += f"\npublish to {d.publish_target}" + "".join(f"\nwarning: {w}" for w in d.publish_warnings)
+    if d.needs:
+        t.caption += "\na real run needs:" + "".join(f"\n  {escape(n)}" for n in d.needs)  # [exl2] is not markup
     return t
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import WorkFolderIncomplete
+from quantkit.files import write_text_atomic
 from quantkit.publish import engine
 from quantkit.publish.engine import CARD_NAME, FileHashes, SyncResult
 from quantkit.publish.target import Target
@@ -99,8 +100,8 @@ def write_card(work: Path, repo: str | None, *, prompt_format: str | None = None
     parse_card(text)
     path = work / "publish" / CARD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+    if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+        write_text_atomic(path, text)  # a kill here leaves the old card or the new one, never half of it
     return path
 
 
@@ -149,7 +150,8 @@ class Publisher:
         for w in self.warnings:
             self.warn(w)
         card = self.work / "publish" / CARD_NAME
-        if not (reuse_card and card.is_file() and engine.published(self.work, "main", self.target.id) is not None):
+        if not (reuse_card and card.is_file() and engine.published(self.work, "main", self.target.id) is not None
+                and self._on_main(card)):
             card = write_card(self.work, self.options.repo, prompt_format=self.options.prompt_format)
         self.card = card
         if isinstance(self.target, HubTarget):
@@ -157,6 +159,15 @@ class Publisher:
                                               card_text=card.read_text(encoding="utf-8")):
                 self.say(line)
         self.target.prepare()
+
+    def _on_main(self, card: Path) -> bool:
+        """True when `card` is byte for byte the README that `main` holds: only then is a file on disk
+        reused rather than rendered again (a kill could have left anything there)."""
+        try:
+            remote = self.target.list_files("main").get(CARD_NAME)
+            return remote is not None and self.hashes.same(card, remote)
+        except Exception:  # noqa: BLE001 - no target yet, or it cannot say: render the card again
+            return False
 
     def publish_main(self) -> SyncResult:
         assert self.card is not None, "prepare() first"
