@@ -60,7 +60,7 @@ def load_run_recipe(path: Path) -> RunRecipe:
         raise RecipeUnreadable(path, f"not valid TOML ({str(exc).splitlines()[0]})") from exc
     if "model" not in data:
         raise RecipeUnreadable(path, "it names no model (model = \"folder or hub id\")")
-    known = [k for k in Settings.model_fields if k != "branches"] + ["work", "branches", "publish"]
+    known = [k for k in Settings.model_fields if k != "branches"] + ["work", "branches", "publish", "eval"]
     for key in data:
         if key not in known and key != "branch":
             raise RecipeUnknownKey(path, key, "the recipe", known)

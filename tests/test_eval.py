@@ -113,6 +113,7 @@ def run_work(tmp_path_factory: pytest.TempPathFactory, tiny_llama_exl2: Path) ->
         for key, value in subprocess_env().items():
             mp.setenv(key, value)
         mp.setattr(torch.cuda, "is_available", lambda: True)
+        mp.setattr("quantkit.exl2.runtime._said", False)  # the notice is once per process: an earlier test may have had it
         r = invoke("run", recipe)
     assert r.exit_code == 0, r.output
     (root / "run-output.txt").write_text(r.output)
