@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from quantkit.files import write_text_atomic
-from quantkit.units import format_gib
 
 if TYPE_CHECKING:
     from quantkit.eval.records import EvalReport
@@ -87,7 +86,7 @@ def render_chart(report: EvalReport) -> str | None:
     env = Environment(loader=PackageLoader("quantkit", "templates"), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     caption = (f"{report.text.tokens} tokens of {report.text.name} (sha256 {report.text.sha256[:12]}), "
-               f"exllamav2 {report.exllamav2_version}; sizes {', '.join(f'{b.branch} {format_gib(b.bytes or 0)}' for b in done)}")
+               f"exllamav2 {report.exllamav2_version}; sizes {', '.join(f'{b.branch} {(b.bytes or 0) / scale:.3g} {unit}' for b in done)}")
     return env.get_template(TEMPLATE).render(width=WIDTH, height=HEIGHT, panels=panels, caption=caption)
 
 
