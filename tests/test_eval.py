@@ -156,8 +156,14 @@ def test_reference_against_itself_is_zero_and_reruns_are_cached(run_work, real_c
     p = core.open_work(run_work)
     spec = core.recorded_spec(run_work)
     assert spec is not None and (spec.rows, spec.length, spec.top_k) == (4, 128, 32)
-    with core.for_pipeline(p, spec) as ev:
+    # A worker killed while computing the reference loses only the rows it had not saved yet.
+    (run_work / "eval" / "reference" / "row-00002.safetensors").unlink()
+    (run_work / "eval" / "reference.json").unlink()
+    rows: list[tuple[str, int]] = []
+    with core.for_pipeline(p, spec, on_row=lambda task, row, _n: rows.append((task, row))) as ev:
         self_eval = ev.branches({"unquantized": tiny_llama_exl2}, check=False)["unquantized"]
+    assert [r for r in rows if r[0] == core.REFERENCE] == [(core.REFERENCE, 3)]
+    assert core.read_report(run_work).reference.perplexity == pytest.approx(ev.reference().perplexity)
     assert self_eval.status == "done" and self_eval.kl_mean < 1e-6 and self_eval.top1_agreement == 1.0
     # Everything is cached now: a worker that cannot start proves that none is needed.
     monkeypatch.setenv(core.WORKER_ENV, f"{sys.executable} -c 'raise SystemExit(9)'")

@@ -23,6 +23,7 @@ from typing import Any
 
 from quantkit.eval import metrics
 from quantkit.eval.records import TaskResult, write
+from quantkit.files import write_text_atomic
 
 
 def _say(event: str, **data: Any) -> None:
@@ -71,6 +72,20 @@ def _logits(task: dict[str, Any], mode: str, rows: list[Any]) -> Any:
     return model.logits(rows), model
 
 
+def _reference_rows(reference: Path, key: str, n: int) -> list[int]:
+    """The reference rows still to compute: rows saved under the same key survive a killed worker (a
+    large model's reference is the longest part of an evaluation); under another key all are redone."""
+    stamp = reference / "key"
+    if stamp.is_file() and stamp.read_text(encoding="utf-8") == key:
+        return [i for i in range(n) if not metrics.row_path(reference, i).is_file()]
+    if reference.is_dir():
+        for old in reference.glob("row-*.safetensors"):
+            old.unlink()
+    reference.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(stamp, key)
+    return list(range(n))
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -89,16 +104,17 @@ def run_task(task: dict[str, Any], rows: list[Any], reference: Path, free: tuple
         return TaskResult(**base, status="failed", error=why if missing or free is None else f"does not fit: {why}")
     model = None
     try:
-        logits, model = _logits(task, mode, rows)
+        todo = _reference_rows(reference, task["key"], len(rows)) if task["kind"] == "reference" else list(range(len(rows)))
+        logits, model = _logits(task, mode, [rows[i] for i in todo]) if todo else ([], None)
         acc = metrics.Accumulator()
-        for i, (ids, row) in enumerate(zip(rows, logits)):
+        for i, row in zip(todo, logits):
+            bad = metrics.non_finite(row)
+            if bad:
+                return TaskResult(**base, status="failed", error=f"non-finite logits in row {i} ({bad} values)")
             if task["kind"] == "reference":
-                metrics.save_reference_row(reference, i, ids, row, top_k=int(task["top_k"]))
+                metrics.save_reference_row(reference, i, rows[i], row, top_k=int(task["top_k"]))
             else:
-                bad = metrics.non_finite(row)
-                if bad:
-                    return TaskResult(**base, status="failed", error=f"non-finite logits in row {i} ({bad} values)")
-                acc.add(metrics.compare_row(metrics.load_reference_row(reference, i), ids, row))
+                acc.add(metrics.compare_row(metrics.load_reference_row(reference, i), rows[i], row))
             _say("row", task=task["name"], row=i + 1, rows=len(rows))
         if task["kind"] == "reference":
             return TaskResult(**base, status="done", **metrics.reference_summary(reference, len(rows)))
