@@ -207,8 +207,9 @@ class Pick(BaseModel):
     bits: float
     head_bits: int
     cache: str
-    context: int
-    total_bytes: int
+    context: int  # the context picked: the target, or the fallback
+    max_context: int  # the longest context this branch and cache hold on the card (up to the search limit)
+    total_bytes: int  # at `context`
     spare_bytes: int  # the card less the estimate less the headroom
     beyond_native: bool
     tight: bool
@@ -299,7 +300,7 @@ def fit_gpu(model: Model, branches: list[Branch], caches: list[CacheMode], gpu_b
         comfortable = [(r, t) for r, t in held if budget - t >= TIGHT_MARGIN_BYTES]
         best, t = max(comfortable or held, key=lambda x: (x[0].bits, -CACHE_RANK[CacheMode(x[0].cache)]))
         pick = Pick(branch=best.branch, bits=best.bits, head_bits=best.head_bits, cache=best.cache, context=ctx,
-                    total_bytes=t, spare_bytes=budget - t, beyond_native=ctx > native,
+                    max_context=best.max_context, total_bytes=t, spare_bytes=budget - t, beyond_native=ctx > native,
                     tight=budget - t < TIGHT_MARGIN_BYTES)
         break
     bare = None
