@@ -314,7 +314,7 @@ def fit_gpu(model: Model, branches: list[Branch], caches: list[CacheMode], gpu_b
         reason = "the highest bitrate that holds the target context, with the best cache that fits"
     else:
         reason = f"nothing holds {target} tokens, so the longest context something holds, at the highest bitrate"
-    caveats = pick_caveats(model, pick, target=target, native=native, headroom_bytes=headroom_bytes, caches=caches,
+    caveats = pick_caveats(model, pick, target=target, asked=target_context is not None, native=native, headroom_bytes=headroom_bytes, caches=caches,
                            loader=loader, flash_attn=flash_attn, adapter_note=adapter_note, branches=branches)
     if bare is not None:
         caveats.insert(0, f"with nothing else on the GPU (--headroom 0), {bare.branch} with {bare.cache.upper()} cache "
@@ -329,7 +329,7 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def pick_caveats(model: Model, pick: Pick | None, *, target: int, native: int, headroom_bytes: int,
+def pick_caveats(model: Model, pick: Pick | None, *, target: int, asked: bool, native: int, headroom_bytes: int,
                  caches: list[CacheMode], loader: Loader, flash_attn: bool, adapter_note: bool,
                  branches: list[Branch]) -> list[str]:
     """Every caveat the table shows, in words, for the one sentence a user reads."""
@@ -343,7 +343,8 @@ def pick_caveats(model: Model, pick: Pick | None, *, target: int, native: int, h
         out.append(f"beyond the native {native} tokens: load with RoPE scaling x{scale:.3g} "
                    f"(scale_alpha_value ~{rope_alpha(scale):.2f}, or scale_pos_emb {scale:.3g}); quality degrades there")
     elif pick.context < target:
-        out.append(f"shorter than the {target} tokens asked for: nothing holds that on this card")
+        wanted = f"the {target} tokens asked for" if asked else f"the native {target} tokens"
+        out.append(f"shorter than {wanted}: nothing holds that on this card")
     elif pick.context < native:
         out.append(f"below the native {native} tokens, as asked")
     if pick.tight:
