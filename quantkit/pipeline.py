@@ -64,7 +64,12 @@ class BranchResult(BaseModel):
 
 
 class Pipeline:
-    """One model in one work folder. `converter` is the seam (tests pass one pointed at the double)."""
+    """One model in one work folder. `converter` is the seam (tests pass one pointed at the double).
+
+    Constructing it reads the source's config and tensor headers only (a Hub model's from the Hub), so
+    a dry run plans without weights. The first step that needs them (`lock`, or any step) fetches a Hub
+    model's weights and checks that safetensors are there: `local_weights()`.
+    """
 
     def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
                  listener: Listener | None = None, model: Model | None = None) -> None:
@@ -73,21 +78,47 @@ class Pipeline:
         self.converter = converter or conv.Converter()
         self.listener = listener
         self.model = model or load_model(settings.model)
-        if self.model.path is None:
-            self.model = self._download(self.model)
-        assert self.model.path is not None
-        self.model_dir: Path = self.model.path
-        guards.check_work_folder(work, self.model_dir)  # before anything reads or writes WORK
-        if not any(self.model_dir.glob("*.safetensors")):
-            raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
-        # Always the user's source model, adapter or not: a rerun on the same source matches its work.
-        self.fingerprint = meas.model_fingerprint(self.model)
+        guards.check_work_folder(work, self.model.path)  # before anything reads or writes WORK
         #: The adapter's plan (load_model ran its check, so an unmappable config is already refused).
         self.adapter = self.model.adapter
         self.state = State(self.work)
+        self._model_dir: Path | None = None
+        self._fingerprint: str | None = None
         self._input: Path | None = None
         #: Seconds spent inside the converter subprocess, for the overhead figure.
         self.converter_seconds = 0.0
+
+    def has_local_weights(self) -> bool:
+        """The safetensors are on this machine already: reading them downloads nothing."""
+        return self.model.path is not None and any(self.model.path.glob("*.safetensors"))
+
+    def local_weights(self) -> Path:
+        """The folder holding the safetensors the converter reads; a Hub model's are downloaded first.
+
+        Raises:
+            NoWeights: the folder holds no safetensors (exllamav2 converts nothing else).
+        """
+        if self._model_dir is None:
+            if self.model.path is None:
+                self.model = self._download(self.model)
+                guards.check_work_folder(self.work.root, self.model.path)  # the Hub snapshot, now it is known
+            assert self.model.path is not None
+            if not any(self.model.path.glob("*.safetensors")):
+                raise NoWeights(self.model.path, "*.safetensors: exllamav2 converts only safetensors checkpoints")
+            self._model_dir = self.model.path
+        return self._model_dir
+
+    @property
+    def model_dir(self) -> Path:
+        return self.local_weights()
+
+    @property
+    def fingerprint(self) -> str:
+        """The user's source model's, adapter or not: a rerun on the same source matches its work."""
+        if self._fingerprint is None:
+            self.local_weights()
+            self._fingerprint = meas.model_fingerprint(self.model)
+        return self._fingerprint
 
     @staticmethod
     def _download(model: Model) -> Model:
@@ -199,7 +230,9 @@ class Pipeline:
                              experimental=a.experimental, exact=a.exact, summary=a.summary())
 
     def adapt_needs(self) -> StepNeeds | None:
-        if self.adapter is None:
+        """The working copy's disk and RAM, from the local shards' headers; None without an adapter or
+        before the weights are local."""
+        if self.adapter is None or not self.has_local_weights():
             return None
         from quantkit.archs import adapters
         from quantkit.archs.adapters import workcopy
