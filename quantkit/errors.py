@@ -12,6 +12,18 @@ from pathlib import Path
 class QuantkitError(Exception):
     """Base of every error quantkit expects and explains."""
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors raised in a Ray task travel back to the driver pickled; the default reduction calls
+        # __init__ with the message alone, which these constructors do not take.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
+
+def _rebuild(cls: type[QuantkitError], args: tuple[object, ...], state: dict[str, object]) -> QuantkitError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(state)
+    return exc
+
 
 class ConfigMissing(QuantkitError):
     def __init__(self, path: Path) -> None:
@@ -417,3 +429,32 @@ class PublishFailed(QuantkitError):
         self.branch = branch
         self.target = target
         self.cause = cause
+
+
+# ---- several GPUs, and a Ray cluster -----------------------------------------------------------------
+
+
+class NoSuchGpu(QuantkitError):
+    """`--gpus` names a GPU this machine does not show (`visible`: the ids it does)."""
+
+    def __init__(self, gpu: str, visible: list[str]) -> None:
+        super().__init__(f"no GPU {gpu!r} (visible: {', '.join(visible) or 'none'})")
+        self.gpu = gpu
+        self.visible = visible
+
+
+class ClusterUnreachable(QuantkitError):
+    """The Ray cluster at `address` did not answer."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(f"{address}: {reason}")
+        self.address = address
+        self.reason = reason
+
+
+class ClusterTasksFailed(QuantkitError):
+    """Some cluster tasks failed after the others finished; `failures` maps task to its error."""
+
+    def __init__(self, failures: dict[str, BaseException]) -> None:
+        super().__init__("; ".join(f"{k}: {v}" for k, v in failures.items()))
+        self.failures = failures

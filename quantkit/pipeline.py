@@ -19,6 +19,7 @@ job_new.json) and goes on. Settings that would invalidate finished work are lock
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,6 +105,8 @@ class State:
     def __init__(self, work: Work) -> None:
         self.work = work
         self.steps: dict[str, StepState] = {}
+        # Branches converting side by side (quantkit.parallel) mark their steps from several threads.
+        self._lock = threading.Lock()
         if work.state.is_file():
             try:
                 raw = read_json(work.state)
@@ -118,15 +121,16 @@ class State:
         return self.get(step).status == "done"
 
     def mark(self, step: str, status: Status, **info: Any) -> None:
-        self.steps[step] = StepState(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                     info=self.get(step).info | info)
-        steps = {k: v.model_dump() for k, v in self.steps.items()}
+        with self._lock:
+            self.steps[step] = StepState(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                         info=self.get(step).info | info)
+            steps = {k: v.model_dump() for k, v in self.steps.items()}
 
-        # Merged under the file lock: the publish worker writes "published" (quantkit.publish) meanwhile.
-        def change(state: dict[str, Any]) -> None:
-            state.update({"version": 1, "quantkit_version": __version__, "steps": steps})
+            # Merged under the file lock: the publish worker writes "published" (quantkit.publish) meanwhile.
+            def change(state: dict[str, Any]) -> None:
+                state.update({"version": 1, "quantkit_version": __version__, "steps": steps})
 
-        update_state(self.work.root, change)
+            update_state(self.work.root, change)
 
     def reset(self, step: str) -> None:
         if step in self.steps:
@@ -172,6 +176,7 @@ class Pipeline:
         self._input: Path | None = None
         #: Seconds spent inside the converter subprocess, for the overhead figure.
         self.converter_seconds = 0.0
+        self._seconds_lock = threading.Lock()
 
     @staticmethod
     def _download(model: Model) -> Model:
@@ -379,17 +384,26 @@ class Pipeline:
             meas.check_reachable(b.bits, rng)
         return rng
 
-    def convert(self, branch: Branch) -> BranchResult:
-        """One bitrate from the measurement into WORK/out/<branch>, resumed when its job folder survives."""
+    def convert_job(self, branch: Branch) -> conv.ConvertJob:
+        """The converter job for one bitrate (the calibration set must exist: `calibration_set()`)."""
+        s = self.settings
+        return conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
+                               output_dir=self.work.out(branch.name), bits=branch.bits, head_bits=branch.head_bits,
+                               calibration=self.work.calibration / calibration.PARQUET_NAME, rows=s.rows, length=s.length)
+
+    def convert(self, branch: Branch, *, converter: conv.Converter | None = None) -> BranchResult:
+        """One bitrate from the measurement into WORK/out/<branch>, resumed when its job folder survives.
+
+        `converter` replaces the pipeline's own for this call: quantkit.parallel gives each branch one
+        pinned to its GPU, so several branches can convert at once from threads.
+        """
         s = self.settings
         cal = self.calibration_set()
         _m, rng, prov = self.analysis()
         meas.check_reachable(branch.bits, rng)
         step = convert_step(branch.name)
         out = self.work.out(branch.name)
-        job = conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
-                              output_dir=out, bits=branch.bits, head_bits=branch.head_bits, calibration=cal.parquet,
-                              rows=s.rows, length=s.length)
+        job = self.convert_job(branch)
         if self.state.done(step) and conv.is_finished(job) and (out / fin.PROVENANCE_NAME).is_file():
             return BranchResult(branch=branch.name, folder=out, provenance=read_json(out / fin.PROVENANCE_NAME), converter_seconds=0.0, skipped=True)
         if not conv.is_finished(job):
@@ -399,11 +413,12 @@ class Pipeline:
         self._emit(step, None)
         self.state.mark(step, "running", bits=branch.bits, head_bits=branch.head_bits)
         try:
-            result = self.converter.run(job, on_line=lambda line: self._emit(step, line))
+            result = (converter or self.converter).run(job, on_line=lambda line: self._emit(step, line))
         except Exception:
             self.state.mark(step, "failed")
             raise
-        self.converter_seconds += result.seconds
+        with self._seconds_lock:
+            self.converter_seconds += result.seconds
         head_weights = self.model.shape.hidden * self.model.shape.vocab
         achieved = fin.achieved_bits(out, decoder_weights=rng.decoder_weights, head_weights=head_weights)
         record = {

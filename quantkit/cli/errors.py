@@ -78,6 +78,14 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Formatter] = {
     e.RecipeUnreadable: lambda x: f"recipe {x.path}: {x.reason}; see `quantkit run --help` for the format",
     e.PublishFailed: lambda x: f"branch {x.branch} was converted but not published to {x.target}: {format_error(x.cause)} "
                                "(rerun `quantkit run RECIPE`: it publishes only what is missing)",
+    # several GPUs, a Ray cluster
+    e.NoSuchGpu: lambda x: f"--gpus names GPU {x.gpu}, which this machine does not show (visible: {', '.join(x.visible) or 'none'}): "
+                           "pass ids from `nvidia-smi -L` (or from CUDA_VISIBLE_DEVICES when it is set), e.g. --gpus 0,1",
+    e.ClusterUnreachable: lambda x: f"the Ray cluster at {x.address} does not answer ({x.reason}): start it (`ray start --head`) "
+                                    "or pass its address, e.g. --cluster ray://HEAD:10001",
+    e.ClusterTasksFailed: lambda x: f"{len(x.failures)} cluster task(s) failed, the others finished: "
+                                    + "; ".join(f"{k}: {format_error(v)}" for k, v in x.failures.items())
+                                    + " (rerun the same command: it redoes only what is missing)",
 }
 
 
