@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict
 
 from quantkit import EXLLAMAV2_VERSION
@@ -21,6 +19,7 @@ from quantkit.errors import CardInvalid, WorkFolderIncomplete
 from quantkit.model import Model, load_model
 from quantkit.plan import Plan, make_plan
 from quantkit.prompt_format import PromptFormat, prompt_format
+from quantkit.source import hub_id as source_hub_id
 from quantkit.tables import cache_statement, markdown_table
 from quantkit.vram import CacheMode
 from quantkit.workfolder import BRANCH_PROVENANCE, PROVENANCE, RECIPE, is_work_folder, pick, read_json, source_model
@@ -52,17 +51,7 @@ class CardSpec(BaseModel):
     converted: bool
     source_card: str | None
     notes: list[str]  # said on screen, never in the card
-    adapter: str | None = None  # issue 6: the architecture adapter exllamav2 needed, and its status
-
-
-def _hub_id(ref: str | None) -> str | None:
-    if not ref or "/" not in ref or Path(ref).expanduser().exists():
-        return None
-    try:
-        validate_repo_id(ref)
-    except HFValidationError:
-        return None
-    return ref
+    adapter: str | None = None  # the architecture adapter exllamav2 needed, and its status
 
 
 def _source_folder(ref: str | None) -> Path | None:
@@ -117,7 +106,7 @@ def _calibration(work: Path | None) -> str:
 
 def _recipe_branches(work: Path | None) -> list[Branch]:
     defaults = {b.name: b for b in default_branches()}
-    # issue 4's pipeline writes {"settings": {"branches": [...]}}
+    # the pipeline writes {"settings": {"branches": [...]}}
     raw = pick(read_json(work / RECIPE), "branches", "settings.branches") if work is not None else None
     if not isinstance(raw, list) or not raw:
         return list(defaults.values())
@@ -185,7 +174,7 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
         raise WorkFolderIncomplete(work, "no source model recorded and no converted branch",
                                    "run `quantkit measure MODEL --work WORK` first, or pass the model folder instead")
     folder = _source_folder(source_ref)
-    hub_id = base_model or _hub_id(source_ref)
+    hub_id = base_model or source_hub_id(source_ref)
     if hub_id is None:
         notes.append(f"{source_ref} is not a Hub repo id: the card has no base_model (pass --base-model USER/NAME)")
 

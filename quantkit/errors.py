@@ -1,122 +1,196 @@
-"""Typed exceptions raised by quantkit's core.
+"""Typed exceptions raised by quantkit's core, grouped by the stage that raises them.
 
-Each carries the facts of the problem; the one table that turns them into a one-line message with a
-remedy lives at the CLI edge (`quantkit.cli.errors`). The core never formats for a terminal.
+Each error is a small dataclass: its fields carry the facts of the problem and `summary` says them in
+one plain line (what `str(exc)` returns, for logs and state files). The one table that turns an error
+into a message with a remedy lives at the CLI edge (`quantkit.cli.errors`); the core never formats for
+a terminal. Catch a whole stage with its base (`except PublishError`).
+
+Stages, in the order data flows: options -> model and architectures -> calibration -> converter
+(measure, convert) -> work folder (the run's state machine) -> publish.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any, ClassVar
+
+from typing_extensions import dataclass_transform
 
 
-class QuantkitError(Exception):
-    """Base of every error quantkit expects and explains."""
-
-    def __reduce__(self) -> tuple[object, ...]:
-        # Errors raised in a Ray task travel back to the driver pickled; the default reduction calls
-        # __init__ with the message alone, which these constructors do not take.
-        return (_rebuild, (type(self), self.args, self.__dict__))
-
-
-def _rebuild(cls: type[QuantkitError], args: tuple[object, ...], state: dict[str, object]) -> QuantkitError:
+def _rebuild(cls: type[QuantkitError], state: dict[str, Any]) -> QuantkitError:
     exc = cls.__new__(cls)
-    Exception.__init__(exc, *args)
     exc.__dict__.update(state)
     return exc
 
 
-class ConfigMissing(QuantkitError):
-    def __init__(self, path: Path) -> None:
-        super().__init__(f"no config.json in {path}")
-        self.path = path
+@dataclass_transform(eq_default=False)
+class QuantkitError(Exception):
+    """Base of every error quantkit expects and explains.
+
+    Subclasses become dataclasses on definition: declare the fields and a `summary` template.
+    """
+
+    summary: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # eq=False keeps exceptions hashable and compared by identity, as Python's own are.
+        dataclasses.dataclass(eq=False)(cls)
+
+    def __str__(self) -> str:
+        return self.summary.format_map(vars(self)).strip()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as cls(*args) by default, which a dataclass __init__ need not accept; errors
+        # cross process boundaries (the run's workers), so rebuild from the fields instead.
+        return _rebuild, (type(self), dict(vars(self)))
 
 
-class ConfigUnreadable(QuantkitError):
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+# ---- options: values given on the command line or in a recipe -----------------------------------
 
 
-class MissingConfigKey(QuantkitError):
-    def __init__(self, arch: str, field: str, aliases: list[str]) -> None:
-        super().__init__(f"{arch}: config.json has none of {aliases}")
-        self.arch = arch
-        self.field = field
-        self.aliases = aliases
+class OptionError(QuantkitError):
+    """A value given on the command line or in a recipe does not parse or is out of range."""
 
 
-class UnsupportedArchitecture(QuantkitError):
-    def __init__(self, arch: str, reason: str) -> None:
-        super().__init__(f"{arch}: {reason}")
-        self.arch = arch
-        self.reason = reason
+class InvalidBits(OptionError):
+    """A bits-per-weight value does not parse or is out of range."""
+
+    summary = "bits {value!r}: {reason}"
+    value: str
+    reason: str
 
 
-class InvalidBits(QuantkitError):
-    def __init__(self, value: str, reason: str) -> None:
-        super().__init__(f"bits {value!r}: {reason}")
-        self.value = value
-        self.reason = reason
+class InvalidHeadBits(OptionError):
+    """The lm_head bits are not one exllamav2 offers."""
+
+    summary = "head bits {value!r}"
+    value: str
 
 
-class InvalidHeadBits(QuantkitError):
-    def __init__(self, value: str) -> None:
-        super().__init__(f"head bits {value!r}")
-        self.value = value
+class InvalidContext(OptionError):
+    """A context length does not parse or is out of range."""
+
+    summary = "context {value!r}: {reason}"
+    value: str
+    reason: str
 
 
-class InvalidContext(QuantkitError):
-    def __init__(self, value: str, reason: str) -> None:
-        super().__init__(f"context {value!r}: {reason}")
-        self.value = value
-        self.reason = reason
+class UnknownCacheMode(OptionError):
+    """A KV cache mode exllamav2 does not have."""
+
+    summary = "cache mode {value!r}"
+    value: str
+    known: list[str]
 
 
-class UnknownCacheMode(QuantkitError):
-    def __init__(self, value: str, known: list[str]) -> None:
-        super().__init__(f"cache mode {value!r}")
-        self.value = value
-        self.known = known
+class InvalidSize(OptionError):
+    """A GPU size that does not parse."""
+
+    summary = "size {value!r}"
+    value: str
 
 
-class InvalidSize(QuantkitError):
-    def __init__(self, value: str) -> None:
-        super().__init__(f"size {value!r}")
-        self.value = value
+class InvalidCount(OptionError):
+    """A count (rows, length, ...) that is not a positive whole number."""
+
+    summary = "{name} {value!r}"
+    name: str
+    value: object
 
 
-class HubOffline(QuantkitError):
-    def __init__(self, repo_id: str) -> None:
-        super().__init__(f"{repo_id}: the Hugging Face Hub cannot be reached")
-        self.repo_id = repo_id
+class UnknownPromptFormat(OptionError):
+    """A prompt format that is neither a known name nor a format with {prompt}."""
+
+    summary = "prompt format {value!r}"
+    value: str
+    known: list[str]
 
 
-class HubRepoNotFound(QuantkitError):
-    def __init__(self, repo_id: str, detail: str = "") -> None:
-        super().__init__(f"{repo_id}: not found on the Hub {detail}".strip())
-        self.repo_id = repo_id
-        self.detail = detail
+class RecipeUnreadable(OptionError):
+    """A recipe file that cannot be read or does not validate."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
 
 
-class ModelNotFound(QuantkitError):
-    def __init__(self, ref: str) -> None:
-        super().__init__(f"{ref}: neither a folder nor a Hub repo id")
-        self.ref = ref
+class MissingExtra(OptionError):
+    """An optional dependency is needed for this step."""
+
+    summary = "{package} is needed to {purpose}"
+    package: str
+    purpose: str
 
 
-class CorruptSafetensors(QuantkitError):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+class NoSuchGpu(OptionError):
+    """`--gpus` names a GPU this machine does not show (`visible`: the ids it does)."""
+
+    summary = "no GPU {gpu!r} (visible: {visible})"
+    gpu: str
+    visible: list[str]
 
 
-# ---- issue 6: architecture adapters -------------------------------------------------------------------
+class ClusterUnreachable(OptionError):
+    """The Ray cluster at `address` (`--cluster`) did not answer."""
+
+    summary = "{address}: {reason}"
+    address: str
+    reason: str
+
+
+# ---- model and architectures: config.json, safetensors, the Hub, the adapters -------------------------
+
+
+class ModelError(QuantkitError):
+    """The source model cannot be found, read or mapped onto exllamav2."""
+
+
+class ModelNotFound(ModelError):
+    """Neither a folder nor a Hub repo id."""
+
+    summary = "{ref}: neither a folder nor a Hub repo id"
+    ref: str
+
+
+class ConfigMissing(ModelError):
+    """The model folder has no config.json."""
+
+    summary = "no config.json in {path}"
+    path: Path
+
+
+class ConfigUnreadable(ModelError):
+    """A JSON or TOML file that cannot be read or parsed."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
+class MissingConfigKey(ModelError):
+    """config.json has none of the names a required field goes by."""
+
+    summary = "{arch}: config.json has none of {aliases}"
+    arch: str
+    field: str
+    aliases: list[str]
+
+
+class UnsupportedArchitecture(ModelError):
+    """An architecture exllamav2 cannot quantize (it would silently treat it as Llama)."""
+
+    summary = "{arch}: {reason}"
+    arch: str
+    reason: str
 
 
 class AdapterRefused(UnsupportedArchitecture):
     """The adapter for this architecture cannot map one feature of this config exactly."""
+
+    feature: str = ""
+    detail: str = ""
 
     def __init__(self, arch: str, feature: str, reason: str) -> None:
         super().__init__(arch, f"{feature}: {reason}")
@@ -124,337 +198,351 @@ class AdapterRefused(UnsupportedArchitecture):
         self.detail = reason
 
 
-class AdapterCheckpointMismatch(QuantkitError):
+class AdapterCheckpointMismatch(ModelError):
     """The checkpoint's tensors are not the ones the config and the adapter expect."""
 
-    def __init__(self, arch: str, reason: str) -> None:
-        super().__init__(f"{arch}: {reason}")
-        self.arch = arch
-        self.reason = reason
+    summary = "{arch}: {reason}"
+    arch: str
+    reason: str
 
 
-class AdapterTargetInvalid(QuantkitError):
+class AdapterTargetInvalid(ModelError):
     """The working copy's folder would overlap the user's model folder, or holds something else."""
 
-    def __init__(self, src: Path, dst: Path, reason: str) -> None:
-        super().__init__(f"{dst}: {reason}")
-        self.src = src
-        self.dst = dst
-        self.reason = reason
+    summary = "{dst}: {reason}"
+    src: Path
+    dst: Path
+    reason: str
 
 
-class NoWeights(QuantkitError):
-    def __init__(self, path: Path, looked_for: str = "*.safetensors and pytorch_model*.bin") -> None:
-        super().__init__(f"no weights ({looked_for}) in {path}")
-        self.path = path
-        self.looked_for = looked_for
+class HubOffline(ModelError):
+    """The Hub cannot be reached (offline, or HF_HUB_OFFLINE is set)."""
+
+    summary = "{repo_id}: the Hugging Face Hub cannot be reached"
+    repo_id: str
 
 
-class MissingExtra(QuantkitError):
-    """An optional dependency is needed for this step."""
+class HubRepoNotFound(ModelError):
+    """The Hub has no such repo, or it is private."""
 
-    def __init__(self, package: str, purpose: str) -> None:
-        super().__init__(f"{package} is needed to {purpose}")
-        self.package = package
-        self.purpose = purpose
-# ---- issue 5: the model card and publishing ------------------------------------------------------------
+    summary = "{repo_id}: not found on the Hub {detail}"
+    repo_id: str
+    detail: str = ""
 
 
-class UnknownPromptFormat(QuantkitError):
-    def __init__(self, value: str, known: list[str]) -> None:
-        super().__init__(f"prompt format {value!r}")
-        self.value = value
-        self.known = known
+class CorruptSafetensors(ModelError):
+    """A shard whose header is truncated or not safetensors."""
+
+    summary = "{path}: {reason}"
+    path: str
+    reason: str
 
 
-class WorkFolderIncomplete(QuantkitError):
-    def __init__(self, work: Path, missing: str, remedy: str) -> None:
-        super().__init__(f"{work}: {missing}")
-        self.work = work
-        self.missing = missing
-        self.remedy = remedy
+class NoWeights(ModelError):
+    """The model folder holds no weight files."""
+
+    summary = "no weights ({looked_for}) in {path}"
+    path: Path
+    looked_for: str = "*.safetensors and pytorch_model*.bin"
 
 
-class InvalidRepoId(QuantkitError):
-    def __init__(self, repo_id: str, reason: str) -> None:
-        super().__init__(f"repo id {repo_id!r}: {reason}")
-        self.repo_id = repo_id
-        self.reason = reason
+class TokenizerMissing(ModelError):
+    """The model folder lacks a tokenizer file a step needs."""
+
+    summary = "{folder}: no {what}"
+    folder: Path
+    what: str
 
 
-class InvalidBranchName(QuantkitError):
-    def __init__(self, name: str) -> None:
-        super().__init__(f"branch name {name!r}")
-        self.name = name
-
-
-class NoHubToken(QuantkitError):
-    def __init__(self) -> None:
-        super().__init__("no Hugging Face token")
-
-
-class TokenCannotWrite(QuantkitError):
-    def __init__(self, namespace: str, user: str, reason: str) -> None:
-        super().__init__(f"{user} cannot write to {namespace}: {reason}")
-        self.namespace = namespace
-        self.user = user
-        self.reason = reason
-
-
-class HubRequestFailed(QuantkitError):
-    def __init__(self, action: str, status: int | None, reason: str, attempts: int = 1) -> None:
-        super().__init__(f"{action}: HTTP {status}: {reason}")
-        self.action = action
-        self.status = status
-        self.reason = reason
-        self.attempts = attempts
-
-
-class ForeignFiles(QuantkitError):
-    def __init__(self, target: str, branch: str, files: list[str]) -> None:
-        super().__init__(f"{target}@{branch}: files quantkit did not write: {files}")
-        self.target = target
-        self.branch = branch
-        self.files = files
-
-
-class BranchVerifyFailed(QuantkitError):
-    def __init__(self, target: str, branch: str, missing: list[str], unexpected: list[str]) -> None:
-        super().__init__(f"{target}@{branch}: missing {missing}, unexpected {unexpected}")
-        self.target = target
-        self.branch = branch
-        self.missing = missing
-        self.unexpected = unexpected
-
-
-class PrivateStorageExceeded(QuantkitError):
-    def __init__(self, needed: int, quota: int, plan: str) -> None:
-        super().__init__(f"{needed} bytes exceed the {plan} private storage of {quota} bytes")
-        self.needed = needed
-        self.quota = quota
-        self.plan = plan
-
-
-class GitFailed(QuantkitError):
-    def __init__(self, args: list[str], reason: str) -> None:
-        super().__init__(f"git {' '.join(args)}: {reason}")
-        self.args_ = args
-        self.reason = reason
-
-
-class LocalTargetDirty(QuantkitError):
-    def __init__(self, path: Path, files: list[str]) -> None:
-        super().__init__(f"{path}: uncommitted changes {files}")
-        self.path = path
-        self.files = files
-
-
-class CardInvalid(QuantkitError):
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"model card: {reason}")
-        self.reason = reason
-
-
-# ---- issue 4: calibration sets, measurement, conversion, resumable runs ------------------------------
-
-
-class ConverterMissing(QuantkitError):
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"exllamav2's converter cannot start: {detail}")
-        self.detail = detail
-
-
-class NoCudaDevice(QuantkitError):
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"no CUDA device: {detail}")
-        self.detail = detail
-
-
-class ConverterFailed(QuantkitError):
-    """The converter ended without a finished job and its files. The work folder is kept for resume."""
-
-    def __init__(self, task: str, stage: str, reason: str, exit_code: int | None, last_error: str, log: Path) -> None:
-        super().__init__(f"{task} stopped at {stage}: {reason}")
-        self.task = task
-        self.stage = stage
-        self.reason = reason
-        self.exit_code = exit_code
-        self.last_error = last_error
-        self.log = log
-
-
-class ConverterCancelled(QuantkitError):
-    def __init__(self, task: str, stage: str, log: Path) -> None:
-        super().__init__(f"{task} cancelled at {stage}")
-        self.task = task
-        self.stage = stage
-        self.log = log
-
-
-class JobMismatch(QuantkitError):
-    """A converter work folder holds a job with other settings: exllamav2 would silently resume *its*."""
-
-    def __init__(self, folder: Path, field: str, found: object, wanted: object) -> None:
-        super().__init__(f"{folder}: job has {field}={found!r}, wanted {wanted!r}")
-        self.folder = folder
-        self.field = field
-        self.found = found
-        self.wanted = wanted
-
-
-class WorkFolderMismatch(QuantkitError):
-    def __init__(self, work: Path, recorded: str, model: str) -> None:
-        super().__init__(f"{work} holds work for {recorded}, not {model}")
-        self.work = work
-        self.recorded = recorded
-        self.model = model
-
-
-class MeasurementMissing(QuantkitError):
-    def __init__(self, work: Path) -> None:
-        super().__init__(f"no measurement in {work}")
-        self.work = work
-
-
-class MeasurementCorrupt(QuantkitError):
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
-class MeasurementMismatch(QuantkitError):
-    def __init__(self, path: Path, field: str, recorded: object, current: object) -> None:
-        super().__init__(f"{path}: {field} {recorded!r} != {current!r}")
-        self.path = path
-        self.field = field
-        self.recorded = recorded
-        self.current = current
-
-
-class UnreachableBits(QuantkitError):
-    def __init__(self, bits: float, low: float, high: float) -> None:
-        super().__init__(f"{bits} bpw outside {low:.3f}..{high:.3f}")
-        self.bits = bits
-        self.low = low
-        self.high = high
+# ---- calibration sets ---------------------------------------------------------------------------------
 
 
 class CalibrationError(QuantkitError):
-    """Base of the calibration-set refusals."""
-
-
-class CalibrationSourceMissing(CalibrationError):
-    def __init__(self, source: str) -> None:
-        super().__init__(f"{source}: not found")
-        self.source = source
-
-
-class CalibrationUnreadable(CalibrationError):
-    def __init__(self, source: str, reason: str) -> None:
-        super().__init__(f"{source}: {reason}")
-        self.source = source
-        self.reason = reason
-
-
-class NoTextColumn(CalibrationError):
-    def __init__(self, source: str, wanted: str, columns: list[str]) -> None:
-        super().__init__(f"{source}: no column {wanted!r} among {columns}")
-        self.source = source
-        self.wanted = wanted
-        self.columns = columns
-
-
-class NotEnoughText(CalibrationError):
-    def __init__(self, source: str, tokens: int, rows: int, length: int) -> None:
-        super().__init__(f"{source}: {tokens} tokens < {rows} x {length}")
-        self.source = source
-        self.tokens = tokens
-        self.rows = rows
-        self.length = length
-
-
-class InvalidCount(QuantkitError):
-    def __init__(self, name: str, value: object) -> None:
-        super().__init__(f"{name} {value!r}")
-        self.name = name
-        self.value = value
+    """A calibration set cannot be built from its source."""
 
 
 class UnknownCalibration(CalibrationError):
-    def __init__(self, name: str, known: list[str]) -> None:
-        super().__init__(f"calibration {name!r}")
-        self.name = name
-        self.known = known
+    """No calibration recipe or file by that name."""
+
+    summary = "calibration {name!r}"
+    name: str
+    known: list[str]
 
 
-class TokenizerMissing(QuantkitError):
-    def __init__(self, folder: Path, what: str) -> None:
-        super().__init__(f"{folder}: no {what}")
-        self.folder = folder
-        self.what = what
+class CalibrationSourceMissing(CalibrationError):
+    """The calibration source does not exist."""
+
+    summary = "{source}: not found"
+    source: str
 
 
-class DiskTooSmall(QuantkitError):
-    def __init__(self, path: Path, needed: int, free: int) -> None:
-        super().__init__(f"{path}: needs {needed} bytes, {free} free")
-        self.path = path
-        self.needed = needed
-        self.free = free
+class CalibrationUnreadable(CalibrationError):
+    """The calibration source cannot be read in any format quantkit knows."""
+
+    summary = "{source}: {reason}"
+    source: str
+    reason: str
 
 
-class SettingsLocked(QuantkitError):
-    def __init__(self, field: str, recorded: object, new: object) -> None:
-        super().__init__(f"{field}: {recorded!r} -> {new!r}")
-        self.field = field
-        self.recorded = recorded
-        self.new = new
+class NoTextColumn(CalibrationError):
+    """The calibration source has no column to take text from."""
+
+    summary = "{source}: no column {wanted!r} among {columns}"
+    source: str
+    wanted: str
+    columns: list[str]
 
 
-class RecipeUnreadable(QuantkitError):
-    def __init__(self, path: Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
+class NotEnoughText(CalibrationError):
+    """The source holds fewer tokens than rows x length."""
+
+    summary = "{source}: {tokens} tokens < {rows} x {length}"
+    source: str
+    tokens: int
+    rows: int
+    length: int
 
 
-# ---- issue 5 item 4: publishing inside `quantkit run` ---------------------------------------------
+# ---- the converter: exllamav2's measure and convert ------------------------------------------------
 
 
-class PublishFailed(QuantkitError):
+class ConverterError(QuantkitError):
+    """exllamav2's converter cannot run, failed, or its measurement does not fit."""
+
+
+class ConverterMissing(ConverterError):
+    """exllamav2's convert.py cannot start."""
+
+    summary = "exllamav2's converter cannot start: {detail}"
+    detail: str
+
+
+class NoCudaDevice(ConverterError):
+    """The converter needs an NVIDIA GPU."""
+
+    summary = "no CUDA device: {detail}"
+    detail: str
+
+
+class ConverterFailed(ConverterError):
+    """The converter ended without a finished job and its files. The work folder is kept for resume."""
+
+    summary = "{task} stopped at {stage}: {reason}"
+    task: str
+    stage: str
+    reason: str
+    exit_code: int | None
+    last_error: str
+    log: Path
+
+
+class ConverterCancelled(ConverterError):
+    """The converter was interrupted; the work folder is kept for resume."""
+
+    summary = "{task} cancelled at {stage}"
+    task: str
+    stage: str
+    log: Path
+
+
+class JobMismatch(ConverterError):
+    """A converter work folder holds a job with other settings: exllamav2 would silently resume *its*."""
+
+    summary = "{folder}: job has {field}={found!r}, wanted {wanted!r}"
+    folder: Path
+    field: str
+    found: object
+    wanted: object
+
+
+class MeasurementCorrupt(ConverterError):
+    """measurement.json cannot be read."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
+class MeasurementMismatch(ConverterError):
+    """The measurement was made for another model or settings."""
+
+    summary = "{path}: {field} {recorded!r} != {current!r}"
+    path: Path
+    field: str
+    recorded: object
+    current: object
+
+
+class UnreachableBits(ConverterError):
+    """A bitrate outside what this measurement can reach."""
+
+    summary = "{bits} bpw outside {low:.3f}..{high:.3f}"
+    bits: float
+    low: float
+    high: float
+
+
+# ---- the work folder: the run's file-backed state -------------------------------------------------
+
+
+class WorkFolderError(QuantkitError):
+    """The work folder does not hold what this step needs, or belongs to other work."""
+
+
+class WorkFolderMismatch(WorkFolderError):
+    """The work folder holds work for another model."""
+
+    summary = "{work} holds work for {recorded}, not {model}"
+    work: Path
+    recorded: str
+    model: str
+
+
+class WorkFolderIncomplete(WorkFolderError):
+    """A step needs a file an earlier step has not written yet."""
+
+    summary = "{work}: {missing}"
+    work: Path
+    missing: str
+    remedy: str
+
+
+class MeasurementMissing(WorkFolderError):
+    """No finished measurement in the work folder."""
+
+    summary = "no measurement in {work}"
+    work: Path
+
+
+class SettingsLocked(WorkFolderError):
+    """A setting changed that would invalidate finished work."""
+
+    summary = "{field}: {recorded!r} -> {new!r}"
+    field: str
+    recorded: object
+    new: object
+
+
+class DiskTooSmall(WorkFolderError):
+    """The work folder's disk cannot hold the plan."""
+
+    summary = "{path}: needs {needed} bytes, {free} free"
+    path: Path
+    needed: int
+    free: int
+
+
+class ClusterTasksFailed(WorkFolderError):
+    """Some cluster tasks failed; the others finished. `failures` maps each task to its error."""
+
+    summary = "cluster tasks failed: {failures}"
+    failures: dict[str, BaseException]
+
+
+# ---- publish: the card, the Hub and local git targets ---------------------------------------------
+
+
+class PublishError(QuantkitError):
+    """A branch cannot be published, or was not published as planned."""
+
+
+class InvalidRepoId(PublishError):
+    """A repo id that is not USER/NAME."""
+
+    summary = "repo id {repo_id!r}: {reason}"
+    repo_id: str
+    reason: str
+
+
+class InvalidBranchName(PublishError):
+    """A branch name the Hub would refuse."""
+
+    summary = "branch name {name!r}"
+    name: str
+
+
+class CardInvalid(PublishError):
+    """The model card does not validate."""
+
+    summary = "model card: {reason}"
+    reason: str
+
+
+class NoHubToken(PublishError):
+    """No Hugging Face token to publish with."""
+
+    summary = "no Hugging Face token"
+
+
+class TokenCannotWrite(PublishError):
+    """The token's user cannot write to the target namespace."""
+
+    summary = "{user} cannot write to {namespace}: {reason}"
+    namespace: str
+    user: str
+    reason: str
+
+
+class HubRequestFailed(PublishError):
+    """A Hub request failed, after retries where retrying made sense."""
+
+    summary = "{action}: HTTP {status}: {reason}"
+    action: str
+    status: int | None
+    reason: str
+    attempts: int = 1
+
+
+class PrivateStorageExceeded(PublishError):
+    """The upload would exceed the account's private storage."""
+
+    summary = "{needed} bytes exceed the {plan} private storage of {quota} bytes"
+    needed: int
+    quota: int
+    plan: str
+
+
+class ForeignFiles(PublishError):
+    """The target branch holds files quantkit did not write."""
+
+    summary = "{target}@{branch}: files quantkit did not write: {files}"
+    target: str
+    branch: str
+    files: list[str]
+
+
+class BranchVerifyFailed(PublishError):
+    """After the commit, the branch does not hold what was committed."""
+
+    summary = "{target}@{branch}: missing {missing}, unexpected {unexpected}"
+    target: str
+    branch: str
+    missing: list[str]
+    unexpected: list[str]
+
+
+class GitFailed(PublishError):
+    """A git command on the local target failed."""
+
+    args_: list[str]  # `args` is Exception's own attribute
+    reason: str
+
+    def __str__(self) -> str:
+        return f"git {' '.join(self.args_)}: {self.reason}"
+
+
+class LocalTargetDirty(PublishError):
+    """The local git target has uncommitted changes."""
+
+    summary = "{path}: uncommitted changes {files}"
+    path: Path
+    files: list[str]
+
+
+class PublishFailed(PublishError):
     """A branch's upload failed in the run's background worker; `cause` is the publisher's error."""
 
-    def __init__(self, branch: str, target: str, cause: BaseException) -> None:
-        super().__init__(f"{target}@{branch}: {cause}")
-        self.branch = branch
-        self.target = target
-        self.cause = cause
-
-
-# ---- several GPUs, and a Ray cluster -----------------------------------------------------------------
-
-
-class NoSuchGpu(QuantkitError):
-    """`--gpus` names a GPU this machine does not show (`visible`: the ids it does)."""
-
-    def __init__(self, gpu: str, visible: list[str]) -> None:
-        super().__init__(f"no GPU {gpu!r} (visible: {', '.join(visible) or 'none'})")
-        self.gpu = gpu
-        self.visible = visible
-
-
-class ClusterUnreachable(QuantkitError):
-    """The Ray cluster at `address` did not answer."""
-
-    def __init__(self, address: str, reason: str) -> None:
-        super().__init__(f"{address}: {reason}")
-        self.address = address
-        self.reason = reason
-
-
-class ClusterTasksFailed(QuantkitError):
-    """Some cluster tasks failed after the others finished; `failures` maps task to its error."""
-
-    def __init__(self, failures: dict[str, BaseException]) -> None:
-        super().__init__("; ".join(f"{k}: {v}" for k, v in failures.items()))
-        self.failures = failures
+    summary = "{target}@{branch}: {cause}"
+    branch: str
+    target: str
+    cause: BaseException

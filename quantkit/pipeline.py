@@ -1,11 +1,11 @@
 """The work folder and its steps: calibration -> measurement -> one conversion per bitrate -> publish.
 
-Layout (shared with issue 5):
+Layout (shared with card and publish):
   WORK/recipe.json                   the frozen settings (`Settings`) plus the model fingerprint
   WORK/state.json                    one record per step: pending | running | done | failed
   WORK/calibration/                  calibration.parquet + manifest.json
   WORK/adapted/                      the architecture adapter's working copy, when exllamav2 lacks the
-                                     model's architecture (issue 6): the converter's -i; never the user's folder
+                                     model's architecture: the converter's -i; never the user's folder
   WORK/measure/                      exllamav2's -o for the measurement (job_new.json kept for resume)
   WORK/measurement.json              -om: outside any -o
   WORK/measurement.provenance.json   where it came from
@@ -278,7 +278,7 @@ class Pipeline:
             if built.manifest.tokens < rows * s.length:
                 raise NotEnoughText(str(built.parquet), built.manifest.tokens, rows, s.length)
 
-    # ---- the architecture adapter (issue 6) ---------------------------------------------------------
+    # ---- the architecture adapter ---------------------------------------------------------------
 
     def adapter_record(self) -> dict[str, Any] | None:
         """What measurement.provenance.json and each quantkit.json record about the adapter."""

@@ -30,8 +30,8 @@ from quantkit.model import Model
 from quantkit.parallel import SlotPlan, convert_parallel
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
 from quantkit.plan import make_plan
-from quantkit.publish import choose_target, published
-from quantkit.runpublish import BackgroundPublisher, PublishSpec
+from quantkit.publish import BackgroundPublisher, PublishOptions, choose_target
+from quantkit.publish.engine import published
 from quantkit.vram import CacheMode
 
 DRY_RUN_CONTEXT = 4096
@@ -42,7 +42,7 @@ class RunRecipe(BaseModel):
 
     settings: Settings
     work: Path | None
-    publish: PublishSpec = PublishSpec()
+    publish: PublishOptions = PublishOptions()
 
 
 def load_run_recipe(path: Path) -> RunRecipe:
@@ -78,11 +78,11 @@ def load_run_recipe(path: Path) -> RunRecipe:
     return RunRecipe(settings=settings, work=(path.parent / work) if work else None, publish=publish)
 
 
-def _publish_spec(path: Path, raw: Any) -> PublishSpec:
+def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if not isinstance(raw, dict):
         raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
     try:
-        spec = PublishSpec(**raw)
+        spec = PublishOptions(**raw)
     except ValidationError as exc:
         raise RecipeUnreadable(path, f"bad [publish] ({exc.errors()[0]['loc'][0]}: {exc.errors()[0]['msg']})") from exc
     if spec.to is not None and not spec.to.is_absolute():
@@ -111,13 +111,13 @@ class DryRun(BaseModel):
     publish_warnings: list[str]
 
 
-def dry_run(p: Pipeline, publish: PublishSpec | None = None) -> DryRun:
+def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates, and
     where it publishes (`publish`: the recipe's [publish] table; none names the local WORK/hub-repo)."""
     s = p.settings
     m: Model = p.model
     steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None)]
-    if p.adapter is not None:  # issue 6: the working copy the converter reads, in WORK/adapted
+    if p.adapter is not None:  # the working copy the converter reads, in WORK/adapted
         steps.append(DryStep(step="adapt", status=p.state.get("adapt").status, needs=p.adapt_needs(), note=p.adapter.summary()))
     steps.append(DryStep(step="measure", status=p.state.get("measure").status,
                          needs=measure_needs(m, rows=s.measurement_rows, length=s.length)))
@@ -127,7 +127,7 @@ def dry_run(p: Pipeline, publish: PublishSpec | None = None) -> DryRun:
         steps.append(DryStep(step=convert_step(b.name), status=p.state.get(convert_step(b.name)).status,
                              needs=convert_needs(m, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length),
                              inference_vram_bytes=infer.get(b.name)))
-    publish = publish or PublishSpec()
+    publish = publish or PublishOptions()
     choice = choose_target(p.work.root, repo=publish.repo, to=publish.to, private=publish.private)
     for name in ["main"] + [b.name for b in s.branches]:
         steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, choice.target.id), needs=None))

@@ -1,4 +1,4 @@
-"""The work folder contract shared by measure/convert/run (issue 4) and card/publish (issue 5).
+"""The work folder contract shared by measure/convert/run and card/publish.
 
     WORK/recipe.json                     the frozen run spec
     WORK/state.json                      the run state; publishing adds "published"

@@ -1,4 +1,4 @@
-"""CPU proof of the StableLM and GPT-NeoX adapters (issue 6). Needs torch (CPU) and transformers.
+"""CPU proof of the StableLM and GPT-NeoX adapters. Needs torch (CPU) and transformers.
 
 For each tiny case of tests/adapters_tiny.py:
   1. build the source checkpoint from the numpy seed;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time `quantkit vram` on local folders and show it reads no tensor data.
 
-Target (issue 3): under 1 s wall on a 2-core machine for a local folder, reading no tensor data.
+Target: under 1 s wall on a 2-core machine for a local folder, reading no tensor data.
 Prints, for a config-only folder and for a folder holding a ~15 GiB (sparse) shard of the Llama-3-8B
 shape: the median wall time of the whole CLI as a fresh process (interpreter start included), the
 median in-process time of load + plan, and the bytes the process read (/proc/self/io rchar).

@@ -1,4 +1,4 @@
-"""Issue 6: the StableLM and GPT-NeoX adapters. Every rewrite against hand-built tiny checkpoints, the
+"""The StableLM and GPT-NeoX adapters. Every rewrite against hand-built tiny checkpoints, the
 refusals, the working-copy rules, and equivalence: a numpy forward of exllamav2's target block on the
 working copy reproduces transformers' logits of the original model (tests/fixtures/adapters, made by
 scripts/adapters_cpu_proof.py)."""

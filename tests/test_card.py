@@ -104,7 +104,7 @@ def test_unknown_prompt_format_is_said_in_the_card(tmp_path: Path) -> None:
 @pytest.mark.parametrize("seed, target", [("rocket-3b", "OrionForCausalLM"), ("stablelm-zephyr-3b", "OrionForCausalLM"),
                                           ("redpajama-3b-chat", "Starcoder2ForCausalLM")])
 def test_adapted_architectures_get_a_card_that_says_so(tmp_path: Path, seed: str, target: str) -> None:
-    # StableLM and GPT-NeoX go through issue 6's adapters: the card names the adapter and that it is
+    # StableLM and GPT-NeoX go through the architecture adapters: the card names the adapter and that it is
     # experimental until proven on a GPU.
     spec = card_spec(_seed(tmp_path, seed))
     assert spec.adapter is not None and target in spec.adapter and "experimental" in spec.adapter

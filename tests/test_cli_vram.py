@@ -1,5 +1,5 @@
 """`quantkit vram` and `quantkit archs` through click's CliRunner: exit codes, output, and the error
-table message by message (every bad input of issue 3 gets one line, exit 1, no traceback)."""
+table message by message (every bad input gets one line, exit 1, no traceback)."""
 
 from __future__ import annotations
 

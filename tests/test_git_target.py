@@ -8,11 +8,18 @@ from pathlib import Path
 import pytest
 
 from quantkit.errors import ForeignFiles, LocalTargetDirty
-from quantkit.git_target import GitTarget
-from quantkit.publish import publish, publish_main, write_card
+from quantkit.publish import PublishOptions, SyncResult, publish_work
+from quantkit.publish.engine import publish_main
+from quantkit.publish.git_target import GitTarget
+from quantkit.publish.publisher import write_card
 from workfolders import make_work
 
 REPO = "alice/tiny-exl2"
+
+
+def publish(work: Path, target, *, repo: str, force: bool = False) -> list[SyncResult]:
+    """The publish stage as `quantkit publish` runs it, on a given target."""
+    return publish_work(work, PublishOptions(repo=repo, force=force), target=target).results
 
 
 def git(repo: Path, *args: str) -> str:

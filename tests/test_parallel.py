@@ -17,11 +17,11 @@ from click.testing import CliRunner
 from quantkit.branches import Branch
 from quantkit.cli.main import cli
 from quantkit.errors import ConverterFailed, NoSuchGpu
-from quantkit.git_target import GitTarget
+from quantkit.publish.git_target import GitTarget
 from quantkit.parallel import choose_gpus, pinned, plan_slots, visible_gpus
 from quantkit.pipeline import Pipeline, Settings
 from quantkit.run import run_all
-from quantkit.runpublish import BackgroundPublisher, PublishSpec
+from quantkit.publish import BackgroundPublisher, PublishOptions
 
 BITS = (8.0, 6.5, 5.0)
 _START = re.compile(r"\(double\) start ([\d.]+) CUDA_VISIBLE_DEVICES=(\S*)")
@@ -125,7 +125,7 @@ def test_three_branches_convert_at_once_one_per_gpu_and_publish_as_they_finish(t
     work, repo = tmp_path / "w", tmp_path / "repo"
     gpus = ["0", "1", "2"]
     p = pipeline(tiny_llama, work, gpus=gpus)
-    results = run_all(p, BackgroundPublisher(work, PublishSpec(to=repo)), slots=plan_slots(p, p.settings.branches, gpus))
+    results = run_all(p, BackgroundPublisher(work, PublishOptions(to=repo)), slots=plan_slots(p, p.settings.branches, gpus))
     assert [r.branch for r in results] == ["8", "6.5", "5"]
     assert runs(work / "measure")[0][2] == "0"  # the measurement on the first chosen GPU
     conv = [runs(work / "jobs" / r.branch)[0] for r in results]
@@ -176,10 +176,3 @@ def test_a_failed_branch_lets_the_others_finish_and_the_rerun_redoes_only_it(tmp
         else:
             assert again == log  # finished branches: no converter ran again
 
-
-def test_error_rows():
-    from quantkit.cli.errors import format_error
-
-    msg = format_error(NoSuchGpu("5", ["0", "1"]))
-    assert msg.startswith("--gpus names GPU 5") and "visible: 0, 1" in msg and "nvidia-smi -L" in msg and "\n" not in msg
-    assert "visible: none" in format_error(NoSuchGpu("all", []))

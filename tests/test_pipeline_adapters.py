@@ -1,4 +1,4 @@
-"""Issue 6 item 1 through the pipeline: measure/convert/run apply the architecture adapter by themselves.
+"""The architecture adapters through the pipeline: measure/convert/run apply the architecture adapter by themselves.
 
 Tiny StableLM and GPT-NeoX checkpoints (adapters_tiny.py) go through the converter double: the working
 copy lands in WORK/adapted and is the converter's -i, the user's folder is never written, the adapter

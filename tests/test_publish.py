@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fakehub import FakeHub, http_error
-from quantkit import hub, targets
+from quantkit import hub
 from quantkit.cli.main import cli
 from quantkit.errors import (
     BranchVerifyFailed,
@@ -23,11 +23,18 @@ from quantkit.errors import (
     TokenCannotWrite,
     WorkFolderIncomplete,
 )
-from quantkit.publish import publish, publish_branch
-from quantkit.targets import HubTarget
+from quantkit.publish import PublishOptions, SyncResult, publish_work
+from quantkit.publish import hub_target as targets
+from quantkit.publish.engine import publish_branch
+from quantkit.publish.hub_target import HubTarget
 from workfolders import make_work
 
 REPO = "alice/tiny-exl2"
+
+
+def publish(work: Path, target, *, repo: str, force: bool = False) -> list[SyncResult]:
+    """The publish stage as `quantkit publish` runs it, on a given target."""
+    return publish_work(work, PublishOptions(repo=repo, force=force), target=target).results
 
 
 @pytest.fixture

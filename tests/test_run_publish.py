@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from quantkit.branches import Branch
 from quantkit.cli.main import cli
 from quantkit.errors import ConverterFailed, GitFailed, PublishFailed
-from quantkit.git_target import GitTarget
+from quantkit.publish.git_target import GitTarget
 from quantkit.pipeline import Pipeline, Settings
 from quantkit.run import run_all
-from quantkit.runpublish import BackgroundPublisher, PublishSpec
+from quantkit.publish import BackgroundPublisher, PublishOptions
 
 REPO = "alice/tiny-exl2"
 MAIN = [".gitattributes", "README.md", "measurement.json", "measurement.provenance.json", "recipe.json"]
@@ -47,7 +47,7 @@ def state(work: Path) -> dict:
 
 def test_a_run_publishes_every_branch_with_the_layout_of_quantkit_publish(tmp_path, tiny_llama, converter_double):
     work, repo = tmp_path / "w", tmp_path / "repo"
-    publisher = BackgroundPublisher(work, PublishSpec(repo=REPO, to=repo))
+    publisher = BackgroundPublisher(work, PublishOptions(repo=REPO, to=repo))
     results = run_all(pipeline(tiny_llama, work), publisher)
     assert [r.branch for r in results] == ["8", "5"]
     first = git(repo, "rev-list", "--max-parents=0", "main").strip()
@@ -99,7 +99,7 @@ def test_branch_n_uploads_while_branch_n_plus_1_converts(tmp_path, tiny_llama, c
         return result
 
     p.convert = recorded_convert  # type: ignore[method-assign]
-    run_all(p, BackgroundPublisher(work, PublishSpec(to=tmp_path / "repo"), on_event=on_event))
+    run_all(p, BackgroundPublisher(work, PublishOptions(to=tmp_path / "repo"), on_event=on_event))
     at = {e: i for i, e in enumerate(events)}
     assert at["converted 8"] < at["upload-start 8"]
     assert at["start convert:5"] < at["upload-done 8"] < at["converted 5"]  # 8 uploaded during 5's conversion
@@ -122,7 +122,7 @@ def test_a_crash_after_branch_1_published_resumes_without_a_new_commit_for_it(tm
             uploaded_8.set()
 
     with pytest.raises(ConverterFailed):
-        run_all(pipeline(tiny_llama, work, listener), BackgroundPublisher(work, PublishSpec(repo=REPO, to=repo), on_event=on_event))
+        run_all(pipeline(tiny_llama, work, listener), BackgroundPublisher(work, PublishOptions(repo=REPO, to=repo), on_event=on_event))
     target = GitTarget(repo).id
     assert state(work)["published"]["8"][target]["verified"] is True and "5" not in state(work)["published"]
     heads = {b: git(repo, "rev-parse", b).strip() for b in ("main", "8")}
@@ -130,7 +130,7 @@ def test_a_crash_after_branch_1_published_resumes_without_a_new_commit_for_it(tm
 
     monkeypatch.delenv("QK_DOUBLE_FAIL_AT")
     events: list[str] = []
-    run_all(pipeline(tiny_llama, work), BackgroundPublisher(work, PublishSpec(repo=REPO, to=repo), on_event=lambda e, b: events.append(f"{e} {b}")))
+    run_all(pipeline(tiny_llama, work), BackgroundPublisher(work, PublishOptions(repo=REPO, to=repo), on_event=lambda e, b: events.append(f"{e} {b}")))
     assert {b: git(repo, "rev-parse", b).strip() for b in ("main", "8")} == heads  # no new commit for main or 8
     assert int(git(repo, "rev-list", "--all", "--count")) == int(commits) + 1  # one: branch 5
     assert tree(repo, "5") == sorted([".gitattributes", "README.md"] + [p.name for p in (work / "out" / "5").iterdir()])

@@ -97,7 +97,7 @@ def test_partial_rotary_and_text_config():
     assert (shape.head_dim, shape.rotary_dim, shape.kv_heads, shape.layers) == (128, 64, 2, 4)
 
 
-# The seed models exllamav2 lacks resolve to their adapter's target (issue 6), never silently to Llama.
+# The seed models exllamav2 lacks resolve to their adapter's target, never silently to Llama.
 @pytest.mark.parametrize("path, source, target", [
     (MODELS / "rocket-3b/config.json", "StableLmForCausalLM", "OrionForCausalLM"),
     (MODELS / "stablelm-zephyr-3b/config.json", "StableLmForCausalLM", "OrionForCausalLM"),

@@ -1,4 +1,4 @@
-"""Builders for the tests of issue 5: seed model folders and tiny fake work folders (the contract in
+"""Builders for the card and publish tests: seed model folders and tiny fake work folders (the contract in
 the preamble: WORK/measurement.json, provenance, recipe, out/<branch>/ with safetensors)."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ TINY_LLAMA = {
 
 def make_work(tmp_path: Path, *, source: str = "alice/tiny-llama", branches: tuple[str, ...] = ("8_0", "6_5"),
               model_folder: Path | None = None, name: str = "work", config: dict | None = None) -> Path:
-    """A converted work folder as issue 4 leaves it, with tiny shards."""
+    """A converted work folder as the pipeline leaves it, with tiny shards."""
     work = tmp_path / name
     (work / "out").mkdir(parents=True)
     (work / "measurement.json").write_text(json.dumps({"measurement": {"model.layers.0": []}, "last_module_idx": 1}))

@@ -42,7 +42,7 @@ def _settings(model: str, work: Path, **given: object) -> Settings:
 
 
 def say_adapter(out: Output, p: Pipeline) -> None:
-    """The one line that says an architecture adapter is in play, and whether it is proven (issue 6)."""
+    """The one line that says an architecture adapter is in play, and whether it is proven."""
     if p.adapter is not None:
         out.warn(f"architecture adapter: {p.adapter.summary()}; the converter reads its working copy in {p.work.adapted}")
 

@@ -32,23 +32,9 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, 
       quantkit publish work/llama3 --repo alice/Llama-3-8B-exl2 --to /tmp/llama3-exl2
       git -C /tmp/llama3-exl2 log --all --oneline
     """
-    from quantkit.card import _hub_id
-    from quantkit.publish import choose_target
-    from quantkit.publish import publish as run_publish
-    from quantkit.publish import upload_bytes, write_card
-    from quantkit.targets import HubTarget
-    from quantkit.workfolder import source_model
+    from quantkit.publish import PublishOptions, publish_work
 
     out = Output()
-    choice = choose_target(work, repo=repo, to=to, private=private)
-    target = choice.target
-    for warning in choice.warnings:
-        out.warn(warning)
-    if isinstance(target, HubTarget):
-        card = write_card(work, repo, prompt_format=prompt_fmt)
-        for line in target.preflight(upload_bytes=upload_bytes(work, card), source=_hub_id(source_model(work)),
-                                     card_text=card.read_text(encoding="utf-8")):
-            out.info(line)
-    results = run_publish(work, target, repo=repo, force=force, prompt_format=prompt_fmt, progress=out.info)
-    made = sum(r.committed for r in results)
-    out.info(f"{target.id}: {len(results)} branches verified, {made} commit{'s' if made != 1 else ''} made")
+    options = PublishOptions(repo=repo, to=to, private=private, force=force, prompt_format=prompt_fmt)
+    report = publish_work(work, options, say=out.info, warn=out.warn)
+    out.info(f"{report.target}: {len(report.results)} branches verified, {report.commits} commit{'s' if report.commits != 1 else ''} made")

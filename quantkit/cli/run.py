@@ -15,7 +15,7 @@ from quantkit.cli.progress import StepProgress
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
 from quantkit.run import RunRecipe, load_run_recipe, run_all
-from quantkit.runpublish import BackgroundPublisher, PublishSpec
+from quantkit.publish import BackgroundPublisher, PublishOptions
 from quantkit.units import format_gib
 
 
@@ -117,7 +117,7 @@ def _run_one(out: Output, r: RunRecipe, folder: Path, *, force: bool, gpus: list
     out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
 
 
-def dry_run_plan(p: Pipeline, publish: PublishSpec) -> Table:
+def dry_run_plan(p: Pipeline, publish: PublishOptions) -> Table:
     d = plan_dry_run(p, publish)
     t = Table(title=f"Plan for {p.model.name} in {p.work.root}")
     for col in ("Step", "State", "Disk", "System RAM", "VRAM (convert)", "VRAM (load, 4k fp16)"):

@@ -166,7 +166,7 @@ class Provenance(BaseModel):
     measurement_sha256: str
     quantkit_version: str = __version__
     created: str = ""
-    #: The architecture adapter the converter read the model through (issue 6): adapter, source_arch,
+    #: The architecture adapter the converter read the model through: adapter, source_arch,
     #: target_arch, status, experimental, exact, summary. None when exllamav2 reads the model as it is.
     adapter: dict[str, Any] | None = None
 

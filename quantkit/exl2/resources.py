@@ -68,6 +68,6 @@ def convert_needs(model: Model, *, bits: float, head_bits: int, rows: int, lengt
 
 
 def adapt_needs(disk_bytes: int, *, shard_bytes: int) -> StepNeeds:
-    """The adapter's working copy (issue 6), on the CPU: the rewritten tensors on disk, and in RAM one new
+    """The adapter's working copy, on the CPU: the rewritten tensors on disk, and in RAM one new
     shard's worth of them at most (workcopy.py writes a shard once it holds `shard_bytes`)."""
     return StepNeeds(step="adapt", disk_bytes=disk_bytes, ram_bytes=min(disk_bytes, shard_bytes), vram_bytes=0)

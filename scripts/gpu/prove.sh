@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU proof (issue 7) in one command, from a bare GPU machine, within the device's 10 minutes:
+# The GPU proof in one command, from a bare GPU machine, within the device's 10 minutes:
 #   1. install the carried wheels (.whl/, from scripts/gpu/fetch_wheels.sh) into /tmp/site;
 #   2. JIT-build exllamav2's CUDA extension for this GPU only (TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16), timed;
 #   3. build the random-weight Llama-3- and Mistral/Starling-shaped models (scripts/gpu/make_models.py);
@@ -132,7 +132,7 @@ measure_vram() {
 }
 
 pack_artifacts() {
-    # The real converter's small outputs, to make the test double behave like it (issue 7, item 6):
+    # The real converter's small outputs, to make the test double behave like it:
     # job files, measurement, configs, cards, logs and a listing of every file with its size, no weights.
     # $OUT comes back as at most 8 files: prove.log, stages.tsv, vram.json, results.json, summary.md, this.
     mkdir -p "$WORKROOT"

@@ -19,7 +19,7 @@ from typing import Any
 
 GiB = 1024**3
 
-#: The issue's goal for every cell: within +-0.25 GiB of the measurement, never under it by more than 0.1 GiB.
+#: The goal for every cell: within +-0.25 GiB of the measurement, never under it by more than 0.1 GiB.
 BAND_BYTES = int(0.25 * GiB)
 UNDER_BYTES = int(0.1 * GiB)
 
@@ -31,7 +31,7 @@ BPW_TOLERANCE = 0.15
 #: prove.sh's name for the stage that JIT-compiles exllamav2_ext (its seconds are the build time).
 BUILD_STAGE = "build_extension"
 
-#: The keys of one vram.json row, in order (issue 7).
+#: The keys of one vram.json row, in order.
 VRAM_KEYS = ("model", "bits", "head_bits", "cache", "context", "measured_bytes", "estimated_bytes", "how_measured")
 
 
@@ -183,7 +183,7 @@ def vram_row(m: Measurement, estimated: int) -> dict[str, Any]:
 
 
 def verdict(measured: int, estimated: int) -> dict[str, Any]:
-    """The issue's goal for one cell: |estimate - measured| <= 0.25 GiB and estimate >= measured - 0.1 GiB."""
+    """The goal for one cell: |estimate - measured| <= 0.25 GiB and estimate >= measured - 0.1 GiB."""
     diff = estimated - measured
     return {"diff_bytes": diff, "diff_gib": round(diff / GiB, 4),
             "within_band": abs(diff) <= BAND_BYTES, "under_ok": diff >= -UNDER_BYTES,

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from quantkit.errors import GitFailed, LocalTargetDirty
-from quantkit.targets import RemoteFile, Target
+from quantkit.publish.target import RemoteFile, Target
 
 #: The Hub's first commit holds a .gitattributes sending big binaries to LFS; the local target mirrors it.
 GITATTRIBUTES = "\n".join(f"{p} filter=lfs diff=lfs merge=lfs -text" for p in (

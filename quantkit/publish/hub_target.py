@@ -1,12 +1,11 @@
-"""Where quants are published: the Hugging Face Hub (through the one HfApi seam) or a local git
-repository (`quantkit.git_target`). Both show the engine in `quantkit.publish` the same six operations.
+"""The Hugging Face Hub as a publish target, through the one HfApi seam (`quantkit.hub.get_hf_api`),
+and the pre-flight that checks token, namespace, private storage, source and card before any write.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from quantkit.errors import (
     PrivateStorageExceeded,
     TokenCannotWrite,
 )
+from quantkit.publish.target import RemoteFile, RetryableError, Target
 
 T = TypeVar("T")
 
@@ -30,43 +30,6 @@ T = TypeVar("T")
 FREE_PRIVATE_BYTES = 100 * 10**9
 PRO_PRIVATE_BYTES = 1000 * 10**9
 WRITE_ROLES = {"admin", "write", "contributor"}
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    path: str
-    size: int
-    sha256: str | None  # LFS files on the Hub
-    blob_id: str | None  # git blob id (small files on the Hub; every file in git)
-    by_quantkit: bool  # its last commit's title starts with "quantkit"
-
-
-class RetryableError(Exception):
-    """A rate limit, server error or lost connection: worth another try after `retry_after` seconds."""
-
-    def __init__(self, action: str, status: int | None, reason: str, retry_after: float | None = None) -> None:
-        super().__init__(f"{action}: {status}: {reason}")
-        self.action, self.status, self.reason, self.retry_after = action, status, reason, retry_after
-
-    def final(self, attempts: int) -> HubRequestFailed:
-        return HubRequestFailed(self.action, self.status, self.reason, attempts)
-
-
-class Target:
-    """What the publishing engine needs of a destination."""
-
-    id: str
-    sleep: Callable[[float], None] = staticmethod(time.sleep)  # type: ignore[assignment]
-
-    def prepare(self) -> None: ...
-    def first_commit(self) -> str: ...
-    def branches(self) -> set[str]: ...
-    def create_branch(self, branch: str, from_commit: str) -> None: ...
-    def list_files(self, revision: str) -> dict[str, RemoteFile]: ...
-    def commit(self, branch: str, adds: dict[str, Path], deletes: list[str], message: str) -> str: ...
-
-
-# ---- the Hub ---------------------------------------------------------------------------------------
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:

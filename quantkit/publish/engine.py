@@ -1,8 +1,8 @@
-"""Publishing a work folder: `main` holds measurement.json, the README and the recipe/provenance; each
+"""The publishing engine: `main` holds measurement.json, the README and the recipe/provenance; each
 WORK/out/<branch> goes to its own branch cut from the repo's FIRST commit (so it does not inherit
 main's files), carrying the README too.
 
-One engine, two targets (`quantkit.targets`): the Hub through the HfApi seam, or a local git
+One engine, two targets (`target.Target`): the Hub through the HfApi seam, or a local git
 repository. Per branch it compares what is there with what should be (size, then sha256 for LFS files
 or the git blob id), commits only the difference in one commit, then lists the branch again and checks
 it holds exactly the expected files. So a second run makes no commit, an interrupted run finishes only
@@ -21,7 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import BranchVerifyFailed, ForeignFiles, InvalidBranchName, WorkFolderIncomplete
-from quantkit.targets import RemoteFile, RetryableError, Target
+from quantkit.publish.target import RemoteFile, RetryableError, Target
 from quantkit.workfolder import MEASUREMENT, PROVENANCE, RECIPE, STATE, converted_branches, pick, read_json, update_state
 
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -31,7 +31,7 @@ MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE)  # the recipe and provenance trav
 MAX_ATTEMPTS = 6
 
 
-class BranchResult(BaseModel):
+class SyncResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     branch: str
@@ -112,7 +112,7 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
 
 
 def sync_branch(target: Target, branch: str, files: dict[str, Path], *, message: str, force: bool = False,
-                hashes: FileHashes | None = None, sleep: Callable[[float], None] | None = None) -> BranchResult:
+                hashes: FileHashes | None = None, sleep: Callable[[float], None] | None = None) -> SyncResult:
     """Make `branch` of `target` hold exactly `files` (plus the first commit's files), in at most one commit.
 
     The branch is created from the target's first commit when missing. A retryable failure (429, 5xx,
@@ -150,7 +150,7 @@ def sync_branch(target: Target, branch: str, files: dict[str, Path], *, message:
                 raise exc.final(MAX_ATTEMPTS) from exc
             sleep(_backoff(attempt, exc.retry_after))
     verify_branch(target, branch, files, base, hashes)
-    return BranchResult(branch=branch, committed=committed, commit=commit, uploaded=sorted(adds) if committed else [],
+    return SyncResult(branch=branch, committed=committed, commit=commit, uploaded=sorted(adds) if committed else [],
                         deleted=deletes if committed else [], files=len(files),
                         bytes=sum(p.stat().st_size for p in files.values()))
 
@@ -163,7 +163,7 @@ def verify_branch(target: Target, branch: str, files: dict[str, Path], base: dic
         raise BranchVerifyFailed(target.id, branch, missing, unexpected)
 
 
-def _record(work: Path, branch: str, target: Target, result: BranchResult) -> None:
+def _record(work: Path, branch: str, target: Target, result: SyncResult) -> None:
     def change(state: dict) -> None:
         entry = state.setdefault("published", {}).setdefault(branch, {})
         previous = entry.get(target.id, {})
@@ -185,7 +185,7 @@ def _bits_label(work: Path, branch: str) -> str:
     return f" ({bits:g} bpw)" if isinstance(bits, (int, float)) else ""
 
 
-def publish_main(work: Path, target: Target, card: Path, *, force: bool = False, hashes: FileHashes | None = None) -> BranchResult:
+def publish_main(work: Path, target: Target, card: Path, *, force: bool = False, hashes: FileHashes | None = None) -> SyncResult:
     result = sync_branch(target, "main", main_files(work, card), message=f"{COMMIT_PREFIX}: measurement.json, README and recipe",
                          force=force, hashes=hashes)
     _record(work, "main", target, result)
@@ -193,10 +193,10 @@ def publish_main(work: Path, target: Target, card: Path, *, force: bool = False,
 
 
 def publish_branch(work: Path, branch: str, target: Target, *, card: Path | None = None, force: bool = False,
-                   hashes: FileHashes | None = None) -> BranchResult:
+                   hashes: FileHashes | None = None) -> SyncResult:
     """Publish WORK/out/<branch> to its own branch of `target` and record it in WORK/state.json.
 
-    Safe to call from a worker thread while the next branch converts (issue 4's run); `target` must be
+    Safe to call from a worker thread while the next branch converts (in `quantkit run`); `target` must be
     prepared (`target.prepare()`), and the card defaults to WORK/publish/README.md (`write_card`).
     """
     card = card or work / "publish" / CARD_NAME
@@ -231,90 +231,9 @@ def published(work: Path, branch: str, target_id: str) -> dict | None:
     return record.get(target_id)
 
 
-def write_card(work: Path, repo: str | None, *, prompt_format: str | None = None) -> Path:
-    """Render the card for `repo` into WORK/publish/README.md (rewritten only when it changed); without
-    a repo the card names a placeholder USER/<model>-exl2."""
-    from quantkit.card import card_spec, parse_card, render_card
-
-    text = render_card(card_spec(work, repo=repo, override_format=prompt_format))
-    parse_card(text)
-    path = work / "publish" / CARD_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def publish(work: Path, target: Target, *, repo: str, force: bool = False, prompt_format: str | None = None,
-            progress: Callable[[str], None] | None = None) -> list[BranchResult]:
-    """Publish main, then every converted branch. Call `target.preflight(...)` first for the Hub."""
-    say = progress or (lambda _m: None)
-    branches = converted_branches(work)
-    if not branches:
-        raise WorkFolderIncomplete(work, "no converted branch in out/", f"run `quantkit convert MODEL --work {work}` first")
-    for b in branches:
-        check_branch_name(b)
-    card = write_card(work, repo, prompt_format=prompt_format)
-    target.prepare()
-    hashes = FileHashes()
-    results = [publish_main(work, target, card, force=force, hashes=hashes)]
-    say(said(results[-1], target))
-    for b in branches:
-        results.append(publish_branch(work, b, target, card=card, force=force, hashes=hashes))
-        say(said(results[-1], target))
-    return results
-
-
-def said(r: BranchResult, target: Target) -> str:
+def said(r: SyncResult, target: Target) -> str:
     """One line saying what publishing a branch did."""
     if not r.committed:
         return f"{r.branch}: up to date on {target.id} ({r.files} files), no commit"
     what = f"{len(r.uploaded)} uploaded" + (f", {len(r.deleted)} deleted" if r.deleted else "")
     return f"{r.branch}: committed {str(r.commit)[:10]} to {target.id} ({what}), verified {r.files} files"
-
-
-def upload_bytes(work: Path, card: Path) -> int:
-    """Everything a full publish uploads (main plus every branch), for the private-storage check."""
-    files = list(main_files(work, card).values())
-    for b in converted_branches(work):
-        files += list(branch_files(work, b, card).values())
-    return sum(p.stat().st_size for p in files)
-
-
-# ---- where to publish ------------------------------------------------------------------------------
-
-
-class TargetChoice(BaseModel):
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
-
-    target: Target
-    warnings: list[str]  # to say on screen: the local default instead of the Hub, --private ignored
-
-
-def choose_target(work: Path, *, repo: str | None, to: Path | None = None, private: bool = False) -> TargetChoice:
-    """The Hub repo when a token is configured, else the local git repository `to` or WORK/hub-repo.
-
-    Shared by `quantkit publish` and `quantkit run`. Raises InvalidRepoId, HubOffline.
-    """
-    from quantkit import hub
-    from quantkit.git_target import GitTarget
-    from quantkit.targets import HubTarget, check_repo_id
-
-    if repo is not None:
-        check_repo_id(repo)
-    warnings: list[str] = []
-    target: Target
-    if to is not None:
-        target = GitTarget(to)
-    elif repo is not None and hub.token():
-        hub.ensure_reachable(repo)
-        target = HubTarget(repo, private=private)
-    else:
-        to = work / "hub-repo"
-        target = GitTarget(to)
-        why = "no Hugging Face token configured" if repo is not None else "no Hub repo named"
-        warnings.append(f"{why}: publishing into the local git repository {to} instead "
-                        f"(inspect it with `git -C {to} log --all`; log in with `hf auth login` and rerun to publish to the Hub)")
-    if private and isinstance(target, GitTarget):
-        warnings.append("private applies to the Hub only; the local repository is yours alone")
-    return TargetChoice(target=target, warnings=warnings)
