@@ -156,17 +156,22 @@ class Pipeline:
     """One model in one work folder. `converter` is the seam (tests pass one pointed at the double)."""
 
     def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
-                 listener: Listener | None = None, model: Model | None = None) -> None:
+                 listener: Listener | None = None, model: Model | None = None, weights: bool = True) -> None:
+        """`weights=False`: this machine only plans, calibrates and keeps the state (a cluster driver,
+        quantkit.cluster); a Hub model's weights are not downloaded here, only its config and tokenizer."""
         self.settings = settings
         self.work = Work(work)
         self.converter = converter or conv.Converter()
         self.listener = listener
         self.model = model or load_model(settings.model)
-        if self.model.path is None:
-            self.model = self._download(self.model)
-        assert self.model.path is not None
-        self.model_dir: Path = self.model.path
-        if not any(self.model_dir.glob("*.safetensors")):
+        if self.model.path is None and not weights:
+            self.model_dir: Path = self._download(self.model, weights=False)
+        else:
+            if self.model.path is None:
+                self.model = load_model(self._download(self.model))
+            assert self.model.path is not None
+            self.model_dir = self.model.path
+        if weights and not any(self.model_dir.glob("*.safetensors")):
             raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
         # Always the user's source model, adapter or not: a rerun on the same source matches its work.
         self.fingerprint = meas.model_fingerprint(self.model)
@@ -179,12 +184,12 @@ class Pipeline:
         self._seconds_lock = threading.Lock()
 
     @staticmethod
-    def _download(model: Model) -> Model:
+    def _download(model: Model, *, weights: bool = True) -> Path:
         """exllamav2 converts a local folder: fetch a Hub model's weights and tokenizer through the seam."""
         from quantkit import hub
 
-        path = hub.get_hf_api().snapshot_download(model.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-        return load_model(path)
+        patterns = ["*.json", "*.txt", "*.model", "*.jinja"] + (["*.safetensors"] if weights else [])
+        return Path(hub.get_hf_api().snapshot_download(model.ref, allow_patterns=patterns))
 
     # ---- settings ------------------------------------------------------------------------------------
 

@@ -121,7 +121,7 @@ def test_cli_refuses_a_missing_gpu_before_anything_starts(tmp_path, tiny_llama, 
 # ---- conversions side by side ------------------------------------------------------------------------
 
 def test_three_branches_convert_at_once_one_per_gpu_and_publish_as_they_finish(tmp_path, tiny_llama, converter_double, monkeypatch):
-    monkeypatch.setenv("QK_DOUBLE_JOB_SECONDS", "1")  # long enough for three processes to be alive at once
+    monkeypatch.setenv("QK_DOUBLE_BARRIER", f"{tmp_path / 'barrier'}:3")  # each conversion waits until all three are alive
     work, repo = tmp_path / "w", tmp_path / "repo"
     gpus = ["0", "1", "2"]
     p = pipeline(tiny_llama, work, gpus=gpus)
@@ -131,6 +131,7 @@ def test_three_branches_convert_at_once_one_per_gpu_and_publish_as_they_finish(t
     conv = [runs(work / "jobs" / r.branch)[0] for r in results]
     assert sorted(c[2] for c in conv) == gpus  # one GPU each
     assert max(c[0] for c in conv) < min(c[1] for c in conv)  # all three converters were alive together
+    assert all("barrier passed" in (work / "jobs" / r.branch / "quantkit-converter.log").read_text() for r in results)
     target = GitTarget(repo).id
     s = state(work)
     for b in ("8", "6.5", "5"):

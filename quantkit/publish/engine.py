@@ -227,7 +227,8 @@ def _record_failure(work: Path, branch: str, target: Target, exc: BaseException)
 
 def published(work: Path, branch: str, target_id: str) -> dict | None:
     """What WORK/state.json records of `branch` on the target, or None when it was never tried."""
-    record = pick(read_json(work / STATE), f"published.{branch}", default={}) or {}
+    # Not a dotted pick(): branch names may hold dots ("6.5").
+    record = (read_json(work / STATE).get("published") or {}).get(branch) or {}
     return record.get(target_id)
 
 

@@ -16,6 +16,9 @@ Failure injection (environment):
   QK_DOUBLE_DELAY       seconds to sleep per module (for overhead benchmarks)
   QK_DOUBLE_JOB_SECONDS seconds one whole job takes, spread over its modules (a measurement and each
                         conversion the same; for the parallel-branches tests and benchmark)
+  QK_DOUBLE_BARRIER     "DIR:N": a conversion (-cf) waits before quantizing until N conversions have reached
+                        that point (each leaves a file in DIR), printing "barrier passed", or after
+                        60 s "barrier timed out": proves that N converters were alive at once
   QK_DOUBLE_ENV_FILE    a JSON object of the variables above, read at start, over the environment:
                         lets a test change them for converters started by long-lived workers (Ray)
 
@@ -348,7 +351,24 @@ def q_tensors(key: str, qp: QParams, rows: int, cols: int) -> dict[str, np.ndarr
     }
 
 
+def barrier() -> None:
+    spec = ENV.get("QK_DOUBLE_BARRIER", "")
+    if not spec:
+        return
+    folder, _, n = spec.rpartition(":")
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.time() + 60
+    while len(os.listdir(folder)) < int(n):
+        if time.time() > deadline:
+            print(" -- (double) barrier timed out", flush=True)
+            return
+        time.sleep(0.05)
+    print(" -- (double) barrier passed", flush=True)
+
+
 def quant() -> None:
+    barrier()
     os.makedirs(os.path.join(job["out_dir"], "out_tensor"), exist_ok=True)
     qmods = modules[1:-2]
     for n, key in enumerate(qmods):
