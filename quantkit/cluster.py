@@ -47,7 +47,7 @@ from quantkit.pipeline import Listener, Pipeline, Settings, convert_step
 from quantkit.publish import PublishOptions, Publisher
 from quantkit.publish.engine import CARD_NAME, published
 from quantkit.publish.git_target import GitTarget
-from quantkit.workfolder import update_state
+from quantkit.workfolder import BranchProvenance, PublishRecord, StateRecord, update_state
 
 RAY_EXTRA = '"quantkit-exl2[ray]"'
 NODE_WORK_ENV = "QUANTKIT_NODE_WORK"
@@ -144,11 +144,11 @@ class Converted(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
     branch: str
-    provenance: dict[str, Any]
+    provenance: BranchProvenance
     node: str
     seconds: float
     skipped: bool
-    published: dict[str, Any] | None  # the node's record of it, for the driver's state
+    published: PublishRecord | None  # the node's record of it, copied into the driver's state
     publish_error: BaseException | None
 
 
@@ -208,7 +208,7 @@ def node_convert(job: ModelJob, branch: Branch, measured: Measured, target: Targ
                      skipped=result.skipped, published=record, publish_error=error)
 
 
-def _publish_from_here(p: Pipeline, branch: str, spec: TargetSpec, card: str) -> dict[str, Any] | None:
+def _publish_from_here(p: Pipeline, branch: str, spec: TargetSpec, card: str) -> PublishRecord | None:
     from quantkit.publish import engine
 
     card_path = p.work.root / "publish" / CARD_NAME
@@ -337,7 +337,7 @@ class _Item:
         if not self.p.state.done(convert_step(b.name)):
             return False
         record = published(self.p.work.root, b.name, self.publisher.target.id)
-        return bool(record and record.get("verified"))
+        return record is not None and record.verified
 
     def store_measurement(self, m: Measured) -> None:
         # Both files whole (atomic replace), then the state says done: a crash in between redoes the task.
@@ -364,17 +364,17 @@ class _Item:
 
     def store_branch(self, c: Converted) -> None:
         step = convert_step(c.branch)
-        self.p.state.mark(step, "done", achieved_decoder_bpw=c.provenance.get("achieved_decoder_bpw"), node=c.node)
+        self.p.state.mark(step, "done", achieved_decoder_bpw=c.provenance.achieved_decoder_bpw, node=c.node)
         if c.published is not None:
-            tid = self.publisher.target.id
-            record = c.published
+            tid, record = self.publisher.target.id, c.published
 
-            def change(state: dict[str, Any]) -> None:
-                state.setdefault("published", {}).setdefault(c.branch, {})[tid] = record
+            def change(state: StateRecord) -> StateRecord:
+                on_branch = dict(state.published.get(c.branch, {})) | {tid: record}
+                return state.model_copy(update={"published": state.published | {c.branch: on_branch}})
 
             update_state(self.p.work.root, change)
-        self.results[c.branch] = {"achieved_decoder_bpw": c.provenance.get("achieved_decoder_bpw"), "node": c.node,
-                                  "published": bool(c.published and c.published.get("verified"))}
+        self.results[c.branch] = {"achieved_decoder_bpw": c.provenance.achieved_decoder_bpw, "node": c.node,
+                                  "published": bool(c.published and c.published.verified)}
 
 
 def _slug(name: str) -> str:
@@ -411,8 +411,8 @@ def run_queue(items: list[QueueItem], *, force: bool = False, listener: Listener
             return
         for b in it.q.settings.branches:
             if it.branch_done(b):
-                it.results[b.name] = {"achieved_decoder_bpw": it.p.state.get(convert_step(b.name)).info.get("achieved_decoder_bpw"),
-                                      "node": it.p.state.get(convert_step(b.name)).info.get("node"), "published": True}
+                info = it.p.state.get(convert_step(b.name)).info
+                it.results[b.name] = {"achieved_decoder_bpw": info.achieved_decoder_bpw, "node": info.node, "published": True}
                 continue
             it.p.state.mark(convert_step(b.name), "running", bits=b.bits, head_bits=b.head_bits)
             ref = convert_task.remote(it.job, b, it.measured, it.target, it.card, relay)
@@ -454,7 +454,7 @@ def run_queue(items: list[QueueItem], *, force: bool = False, listener: Listener
                 it.store_branch(value)
                 if value.publish_error is not None:
                     failures[f"{label} publish"] = value.publish_error
-                say(f"{label} done on {value.node}" + (", published" if value.published and value.published.get("verified") else ""))
+                say(f"{label} done on {value.node}" + (", published" if value.published and value.published.verified else ""))
     drain()
     if failures:
         raise ClusterTasksFailed(failures)

@@ -398,6 +398,23 @@ class WorkFolderMismatch(WorkFolderError):
     model: str
 
 
+class WorkFolderIncompatible(WorkFolderError):
+    """A work folder file of another format version than this quantkit reads."""
+
+    summary = "{path}: format {found}, this quantkit reads format {supported}"
+    path: Path
+    found: object
+    supported: int
+
+
+class WorkFolderCorrupt(WorkFolderError):
+    """A work folder file that is not the record quantkit writes there."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
 class WorkFolderIncomplete(WorkFolderError):
     """A step needs a file an earlier step has not written yet."""
 

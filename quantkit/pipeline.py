@@ -1,16 +1,6 @@
 """The work folder and its steps: calibration -> measurement -> one conversion per bitrate -> publish.
 
-Layout (shared with card and publish):
-  WORK/recipe.json                   the frozen settings (`Settings`) plus the model fingerprint
-  WORK/state.json                    one record per step: pending | running | done | failed
-  WORK/calibration/                  calibration.parquet + manifest.json
-  WORK/adapted/                      the architecture adapter's working copy, when exllamav2 lacks the
-                                     model's architecture: the converter's -i; never the user's folder
-  WORK/measure/                      exllamav2's -o for the measurement (job_new.json kept for resume)
-  WORK/measurement.json              -om: outside any -o
-  WORK/measurement.provenance.json   where it came from
-  WORK/jobs/<branch>/                exllamav2's -o per bitrate (kept: a rerun resumes mid-conversion)
-  WORK/out/<branch>/                 -cf, cleaned for publishing
+The folder's layout and the records kept in it are `quantkit.workfolder`.
 
 Every step is idempotent: a rerun after a kill anywhere finds the finished parts done (state.json,
 job_new.json) and goes on. Settings that would invalidate finished work are locked (`lock`).
@@ -21,16 +11,14 @@ from __future__ import annotations
 import shutil
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 
-from quantkit import __version__, calibration
+from quantkit import calibration
 from quantkit.branches import Branch
 from quantkit.errors import (
-    ConfigUnreadable,
     DiskTooSmall,
     MeasurementMissing,
     NotEnoughText,
@@ -43,103 +31,27 @@ from quantkit.exl2 import finalize as fin
 from quantkit.exl2 import measurement as meas
 from quantkit.exl2.resources import StepNeeds, adapt_needs, convert_needs, measure_needs
 from quantkit.exl2.status import LogLine
-from quantkit.files import read_json, write_json_atomic
 from quantkit.model import Model, load_model
-from quantkit.workfolder import update_state
+from quantkit.workfolder import (
+    AdapterRecord,
+    BranchCalibration,
+    BranchProvenance,
+    MeasurementProvenance,
+    Settings,
+    SettingsRecord,
+    State,
+    StepState,
+    Work,
+    convert_step,
+    read_branch_provenance,
+    read_settings,
+    write_record,
+)
 
-Status = Literal["pending", "running", "done", "failed"]
+__all__ = ["BranchResult", "Listener", "Pipeline", "Settings", "State", "StepState", "Work", "convert_step"]
+
 #: Called with (step name, console line) for every converter line, and with (step, None) on step start.
 Listener = Callable[[str, LogLine | None], None]
-
-
-class Settings(BaseModel):
-    """The run spec frozen into WORK/recipe.json."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str
-    calibration: str = "default"
-    calibration_source: str | None = None
-    rows: int = 100  # quantization pass (-r)
-    measurement_rows: int = 16  # measurement pass (-mr)
-    length: int = 2048  # tokens per row, both passes (-l, -ml)
-    branches: list[Branch] = Field(default_factory=list)
-
-    @field_validator("rows", "measurement_rows", "length")
-    @classmethod
-    def _positive(cls, v: int, info: Any) -> int:
-        return calibration.check_count(info.field_name, v)
-
-
-class StepState(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    status: Status = "pending"
-    updated: str = ""
-    info: dict[str, Any] = Field(default_factory=dict)
-
-
-class Work:
-    """Paths of one work folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.recipe = root / "recipe.json"
-        self.state = root / "state.json"
-        self.calibration = root / "calibration"
-        self.adapted = root / "adapted"
-        self.measure = root / "measure"
-        self.measurement = root / "measurement.json"
-        self.provenance = meas.provenance_path(self.measurement)
-
-    def job(self, branch: str) -> Path:
-        return self.root / "jobs" / branch
-
-    def out(self, branch: str) -> Path:
-        return self.root / "out" / branch
-
-
-class State:
-    """WORK/state.json, rewritten atomically on every change."""
-
-    def __init__(self, work: Work) -> None:
-        self.work = work
-        self.steps: dict[str, StepState] = {}
-        # Branches converting side by side (quantkit.parallel) mark their steps from several threads.
-        self._lock = threading.Lock()
-        if work.state.is_file():
-            try:
-                raw = read_json(work.state)
-                self.steps = {k: StepState(**v) for k, v in raw.get("steps", {}).items()}
-            except (OSError, ValueError, TypeError) as exc:
-                raise ConfigUnreadable(work.state, f"not a quantkit state file ({exc.__class__.__name__})") from exc
-
-    def get(self, step: str) -> StepState:
-        return self.steps.get(step, StepState())
-
-    def done(self, step: str) -> bool:
-        return self.get(step).status == "done"
-
-    def mark(self, step: str, status: Status, **info: Any) -> None:
-        with self._lock:
-            self.steps[step] = StepState(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                         info=self.get(step).info | info)
-            steps = {k: v.model_dump() for k, v in self.steps.items()}
-
-            # Merged under the file lock: the publish worker writes "published" (quantkit.publish) meanwhile.
-            def change(state: dict[str, Any]) -> None:
-                state.update({"version": 1, "quantkit_version": __version__, "steps": steps})
-
-            update_state(self.work.root, change)
-
-    def reset(self, step: str) -> None:
-        if step in self.steps:
-            self.steps[step] = StepState()
-            self.mark(step, "pending")
-
-
-def convert_step(branch: str) -> str:
-    return f"convert:{branch}"
 
 
 class BranchResult(BaseModel):
@@ -147,7 +59,7 @@ class BranchResult(BaseModel):
 
     branch: str
     folder: Path
-    provenance: dict[str, Any]
+    provenance: BranchProvenance
     converter_seconds: float
     skipped: bool
 
@@ -202,11 +114,11 @@ class Pipeline:
         """
         self.work.root.mkdir(parents=True, exist_ok=True)
         new = self.settings
-        if self.work.recipe.is_file():
-            recorded = read_json(self.work.recipe)
-            if recorded.get("model_fingerprint") != self.fingerprint:
-                raise WorkFolderMismatch(self.work.root, recorded.get("settings", {}).get("model", "another model"), new.model)
-            old = Settings(**recorded["settings"])
+        recorded = read_settings(self.work.root)
+        if recorded is not None:
+            if recorded.model_fingerprint != self.fingerprint:
+                raise WorkFolderMismatch(self.work.root, recorded.settings.model, new.model)
+            old = recorded.settings
             resets: list[str] = []
             for field in ("calibration", "calibration_source", "measurement_rows", "length"):
                 if getattr(old, field) != getattr(new, field) and self.state.get("calibration").status != "pending":
@@ -222,8 +134,7 @@ class Pipeline:
                 self._reset(step)
             merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
             new = new.model_copy(update={"branches": list(merged.values())})
-        write_json_atomic(self.work.recipe, {"settings": new.model_dump(mode="json"), "model_fingerprint": self.fingerprint,
-                                             "model_dir": str(self.model_dir), "quantkit_version": __version__})
+        write_record(self.work.recipe, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir)))
 
     def _done_branches(self) -> list[str]:
         return [k for k, v in self.state.steps.items() if k.startswith("convert:") and v.status != "pending"]
@@ -285,13 +196,13 @@ class Pipeline:
 
     # ---- the architecture adapter ---------------------------------------------------------------
 
-    def adapter_record(self) -> dict[str, Any] | None:
+    def adapter_record(self) -> AdapterRecord | None:
         """What measurement.provenance.json and each quantkit.json record about the adapter."""
         a = self.adapter
         if a is None:
             return None
-        return {"adapter": a.adapter, "source_arch": a.source_arch, "target_arch": a.target_arch, "status": a.status,
-                "experimental": a.experimental, "exact": a.exact, "summary": a.summary()}
+        return AdapterRecord(adapter=a.adapter, source_arch=a.source_arch, target_arch=a.target_arch, status=a.status,
+                             experimental=a.experimental, exact=a.exact, summary=a.summary())
 
     def adapt_needs(self) -> StepNeeds | None:
         if self.adapter is None:
@@ -319,7 +230,7 @@ class Pipeline:
         from quantkit.archs.adapters import workcopy
 
         dst = self.work.adapted
-        recorded = self.state.get("adapt").info.get("model_fingerprint")
+        recorded = self.state.get("adapt").info.model_fingerprint
         if recorded == self.fingerprint and workcopy.is_current(dst, self.model_dir, self.adapter):
             if not self.state.done("adapt"):
                 self.state.mark("adapt", "done")
@@ -338,7 +249,7 @@ class Pipeline:
         self._input = dst
         return dst
 
-    def measure(self) -> meas.Provenance:
+    def measure(self) -> MeasurementProvenance:
         """The one measurement pass (`-om`), resumed when its job folder survives."""
         s = self.settings
         cal = self.calibration_set()
@@ -365,11 +276,11 @@ class Pipeline:
                                     calibration=cal.manifest.name, calibration_sha256=cal.manifest.sha256,
                                     rows=s.measurement_rows, length=s.length, exllamav2_version=conv.converter_version(),
                                     adapter=self.adapter_record())
-        write_json_atomic(self.work.provenance, prov.model_dump())
+        write_record(self.work.provenance, prov)
         self.state.mark("measure", "done", sha256=prov.measurement_sha256)
         return prov
 
-    def analysis(self) -> tuple[meas.Measurement, meas.BitRange, meas.Provenance]:
+    def analysis(self) -> tuple[meas.Measurement, meas.BitRange, MeasurementProvenance]:
         """The recorded measurement, checked against this model, and the bitrates it reaches.
 
         Raises:
@@ -409,8 +320,9 @@ class Pipeline:
         step = convert_step(branch.name)
         out = self.work.out(branch.name)
         job = self.convert_job(branch)
-        if self.state.done(step) and conv.is_finished(job) and (out / fin.PROVENANCE_NAME).is_file():
-            return BranchResult(branch=branch.name, folder=out, provenance=read_json(out / fin.PROVENANCE_NAME), converter_seconds=0.0, skipped=True)
+        done = read_branch_provenance(out) if self.state.done(step) and conv.is_finished(job) else None
+        if done is not None:
+            return BranchResult(branch=branch.name, folder=out, provenance=done, converter_seconds=0.0, skipped=True)
         if not conv.is_finished(job):
             conv.preflight()
             self.check_disk([convert_needs(self.model, bits=branch.bits, head_bits=branch.head_bits, rows=s.rows, length=s.length)])
@@ -426,15 +338,15 @@ class Pipeline:
             self.converter_seconds += result.seconds
         head_weights = self.model.shape.hidden * self.model.shape.vocab
         achieved = fin.achieved_bits(out, decoder_weights=rng.decoder_weights, head_weights=head_weights)
-        record = {
-            "branch": branch.name, "bits": branch.bits, "head_bits": branch.head_bits,
-            "achieved_decoder_bpw": round(achieved.decoder_bpw, 4), "achieved_head_bpw": round(achieved.head_bpw, 4),
-            "bytes": achieved.bytes, "reachable_bpw": [round(rng.low, 4), round(rng.high, 4)],
-            "measurement_sha256": prov.measurement_sha256, "source_model": s.model, "model_fingerprint": self.fingerprint,
-            "calibration": {"name": cal.manifest.name, "sha256": cal.manifest.sha256, "rows": s.rows, "length": s.length,
-                            "measurement_rows": prov.rows, "measurement_length": prov.length},
-            "exllamav2_version": conv.converter_version(), "quantkit_version": __version__, "adapter": self.adapter_record(),
-        }
+        record = BranchProvenance(
+            branch=branch.name, bits=branch.bits, head_bits=branch.head_bits,
+            achieved_decoder_bpw=round(achieved.decoder_bpw, 4), achieved_head_bpw=round(achieved.head_bpw, 4),
+            bytes=achieved.bytes, reachable_bpw=(round(rng.low, 4), round(rng.high, 4)),
+            measurement_sha256=prov.measurement_sha256, source_model=s.model, model_fingerprint=self.fingerprint,
+            calibration=BranchCalibration(name=cal.manifest.name, sha256=cal.manifest.sha256, rows=s.rows, length=s.length,
+                                          measurement_rows=prov.rows, measurement_length=prov.length),
+            exllamav2_version=conv.converter_version(), adapter=self.adapter_record(),
+        )
         written = fin.finalize(out, record)
-        self.state.mark(step, "done", achieved_decoder_bpw=record["achieved_decoder_bpw"])
+        self.state.mark(step, "done", achieved_decoder_bpw=record.achieved_decoder_bpw)
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)

@@ -149,9 +149,9 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
     record = published(work, branch, target_id)
     if record is None:
         return "pending"
-    if record.get("verified"):
-        return f"done ({str(record.get('commit') or '')[:10]})".replace(" ()", "")
-    return f"failed: {record.get('error', 'unknown')}"
+    if record.verified:
+        return f"done ({(record.commit or '')[:10]})".replace(" ()", "")
+    return f"failed: {record.error or 'unknown'}"
 
 
 def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, *, slots: SlotPlan | None = None) -> list[BranchResult]:

@@ -64,6 +64,8 @@ SAMPLES = [
     (e.ClusterUnreachable("ray://h:10001", "connection refused"), "the Ray cluster at ray://h:10001 does not answer (connection refused): start it"),
     # work folder
     (e.WorkFolderMismatch(Path("w"), "a/b", "c/d"), "w holds work for a/b, not c/d: use another --work"),
+    (e.WorkFolderIncompatible(Path("w/state.json"), 2, 1), "w/state.json is in work-folder format 2, but this quantkit reads format 1: use a new --work"),
+    (e.WorkFolderCorrupt(Path("w/recipe.json"), "settings: Field required"), "w/recipe.json is not a file quantkit wrote (settings: Field required): restore it"),
     (e.WorkFolderIncomplete(Path("w"), "no measurement.json", "run `quantkit measure` first"), "w: no measurement.json; run `quantkit measure`"),
     (e.MeasurementMissing(Path("w")), "run `quantkit measure MODEL --work w` first"),
     (e.SettingsLocked("rows", 100, 200), "rows changed from 100 to 200, which would invalidate finished work"),

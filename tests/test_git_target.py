@@ -12,7 +12,8 @@ from quantkit.publish import PublishOptions, SyncResult, publish_work
 from quantkit.publish.engine import publish_main
 from quantkit.publish.git_target import GitTarget
 from quantkit.publish.publisher import write_card
-from workfolders import make_work
+from quantkit.workfolder import write_record
+from workfolders import branch_provenance, make_work
 
 REPO = "alice/tiny-exl2"
 
@@ -58,7 +59,7 @@ def test_rerun_makes_no_commit_and_a_change_makes_one(tmp_path: Path) -> None:
     results = publish(work, GitTarget(repo), repo=REPO)
     assert not any(r.committed for r in results)
     assert git(repo, "for-each-ref", "--format=%(refname) %(objectname)") == heads
-    (work / "out" / "8_0" / "quantkit.json").write_text('{"branch": "8_0", "bits": 8.0, "redone": true}')
+    write_record(work / "out" / "8_0" / "quantkit.json", branch_provenance("8_0", 8.0, removed=["README.md"]))
     results = publish(work, GitTarget(repo), repo=REPO)
     assert [(r.branch, r.uploaded) for r in results if r.committed] == [("8_0", ["quantkit.json"])]
 

@@ -76,6 +76,8 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.UnreachableBits, lambda x: f"{x.bits:g} bpw cannot be reached with this measurement: it reaches {x.low:.3f} to {x.high:.3f} bpw on this model; pick --bits inside that range"),
     # the work folder: the run's file-backed state
     row(e.WorkFolderMismatch, lambda x: f"{x.work} holds work for {x.recorded}, not {x.model}: use another --work folder for this model"),
+    row(e.WorkFolderIncompatible, lambda x: f"{x.path} is in work-folder format {x.found}, but this quantkit reads format {x.supported}: use a new --work folder, or the quantkit version that made this one"),
+    row(e.WorkFolderCorrupt, lambda x: f"{x.path} is not a file quantkit wrote ({x.reason}): restore it, or use a new --work folder"),
     row(e.WorkFolderIncomplete, lambda x: f"{x.work}: {x.missing}; {x.remedy}"),
     row(e.MeasurementMissing, lambda x: f"no finished measurement in {x.work}: run `quantkit measure MODEL --work {x.work}` first"),
     row(e.SettingsLocked, lambda x: f"{x.field} changed from {x.recorded!r} to {x.new!r}, which would invalidate finished work: restore it, or pass --force-settings to redo the affected steps"),

@@ -14,6 +14,7 @@ from quantkit.cli.progress import StepProgress
 from quantkit.errors import InvalidCount
 from quantkit.parallel import convert_parallel
 from quantkit.pipeline import Pipeline, Settings
+from quantkit.workfolder import read_settings
 from quantkit.units import parse_bits, split_list
 from quantkit.vram import check_head_bits
 
@@ -30,15 +31,10 @@ def _count(name: str, value: int | None) -> int | None:
 
 def _settings(model: str, work: Path, **given: object) -> Settings:
     """Settings from the flags, falling back to what WORK/recipe.json recorded, then to defaults."""
-    recorded: dict[str, object] = {}
-    recipe = work / "recipe.json"
-    if recipe.is_file():
-        import json
-
-        recorded = json.loads(recipe.read_text(encoding="utf-8")).get("settings", {})
-    values = {k: v for k, v in recorded.items() if k in Settings.model_fields and k not in ("model", "branches")}
-    values |= {k: v for k, v in given.items() if v is not None}
-    return Settings(model=model, **values)  # type: ignore[arg-type]
+    record = read_settings(work)
+    values = record.settings.model_dump() if record is not None else {}
+    values |= {"model": model, "branches": []} | {k: v for k, v in given.items() if v is not None}
+    return Settings.model_validate(values)
 
 
 def say_adapter(out: Output, p: Pipeline) -> None:
@@ -126,6 +122,6 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
         t.add_column(col)
     for r in results:
         pv = r.provenance
-        t.add_row(r.branch, f"{pv['bits']:g}", f"{pv['achieved_decoder_bpw']:.3f}", f"{pv['achieved_head_bpw']:.2f}",
-                  f"{pv['bytes'] / 1024**2:.1f} MiB", str(r.folder))
+        t.add_row(r.branch, f"{pv.bits:g}", f"{pv.achieved_decoder_bpw:.3f}", f"{pv.achieved_head_bpw:.2f}",
+                  f"{pv.bytes / 1024**2:.1f} MiB", str(r.folder))
     out.rich(t)

@@ -112,7 +112,7 @@ def _run_one(out: Output, r: RunRecipe, folder: Path, *, force: bool, gpus: list
         results = run_all(p, publisher, slots=plan)
     total = time.monotonic() - start
     for res in results:
-        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder}, published to {publisher.target.id}")
+        out.rich(f"{res.branch}: {res.provenance.achieved_decoder_bpw:.3f} bpw -> {res.folder}, published to {publisher.target.id}")
     own = total - p.converter_seconds
     out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
 
