@@ -109,7 +109,7 @@ def _recipe_branches(work: Path | None) -> list[Branch]:
 def _converted_plan(work: Path, names: list[str], planned: dict[str, Branch], cache: CacheMode) -> tuple[Plan, dict[str, int]]:
     """One plan over every converted branch, each sized from its own safetensors headers."""
     rows, sizes, descriptions, warnings = [], {}, {}, []
-    ram, weights_from = 0, "safetensors headers"
+    ram, weights_from, native = 0, "safetensors headers", 0
     for name in names:
         folder = work / "out" / name
         model = load_model(folder)
@@ -120,12 +120,12 @@ def _converted_plan(work: Path, names: list[str], planned: dict[str, Branch], ca
         br = Branch(name=name, bits=bits, head_bits=head, description=planned[name].description if name in planned else "")
         plan = make_plan(model, [br], list(CONTEXTS), [cache])
         rows += plan.rows
-        ram, weights_from = plan.embeddings_ram_bytes, plan.weights_from
+        ram, weights_from, native = plan.embeddings_ram_bytes, plan.weights_from, plan.native_context
         warnings += [w for w in plan.warnings if w not in warnings]
         descriptions[name] = br.description
         sizes[name] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return Plan(model=str(work), rows=rows, embeddings_ram_bytes=ram, weights_from=f"{weights_from} of each branch",
-                warnings=warnings, descriptions=descriptions), sizes
+                warnings=warnings, descriptions=descriptions, native_context=native), sizes
 
 
 def _nobranch() -> Branch:

@@ -92,6 +92,22 @@ class InvalidSize(OptionError):
     value: str
 
 
+class UnknownLoader(OptionError):
+    """A way of loading the model the planner does not model."""
+
+    summary = "loader {value!r}"
+    value: str
+    known: list[str]
+
+
+class InvalidHeadroom(OptionError):
+    """A --headroom that does not parse or leaves nothing of the card."""
+
+    summary = "headroom {value!r}: {reason}"
+    value: str
+    reason: str
+
+
 class InvalidCount(OptionError):
     """A count (rows, length, ...) that is not a positive whole number."""
 
@@ -228,6 +244,34 @@ class HubRepoNotFound(ModelError):
     summary = "{repo_id}: not found on the Hub {detail}"
     repo_id: str
     detail: str = ""
+
+
+class InvalidModelShape(ModelError):
+    """A config.json field no real model has (0 layers, a 10^12 vocabulary, heads that do not divide)."""
+
+    summary = "{arch}: {field} = {value!r}: {reason}"
+    arch: str
+    field: str
+    value: object
+    reason: str
+
+
+class HubRevisionNotFound(ModelError):
+    """A Hub repo has no such branch, tag or commit."""
+
+    summary = "{repo_id}: no branch or revision {revision!r}"
+    repo_id: str
+    revision: str
+    known: list[str]
+
+
+class NotExl2Branch(ModelError):
+    """USER/REPO:BRANCH names a branch holding no converted EXL2 model."""
+
+    summary = "{repo_id}:{revision}: {reason}"
+    repo_id: str
+    revision: str
+    reason: str
 
 
 class CorruptSafetensors(ModelError):
