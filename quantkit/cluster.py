@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,6 +48,7 @@ from quantkit.pipeline import Listener, Pipeline, Settings, convert_step
 from quantkit.publish import PublishOptions, Publisher
 from quantkit.publish.engine import CARD_NAME, published
 from quantkit.publish.git_target import GitTarget
+from quantkit.worklock import command_line, work_lock
 from quantkit.workfolder import BranchProvenance, PublishRecord, StateRecord, update_state
 
 RAY_EXTRA = '"quantkit-exl2[ray]"'
@@ -269,7 +271,8 @@ class _Sender:
 def _measure_task(job: ModelJob, relay: Any) -> Measured:
     sender = _Sender(relay, job.name)
     try:
-        return node_measure(job, sender)
+        with _node_lock(job, "measure"):
+            return node_measure(job, sender)
     finally:
         sender.flush()
 
@@ -278,9 +281,16 @@ def _convert_task(job: ModelJob, branch: Branch, measured: Measured, target: Tar
                   relay: Any) -> Converted:
     sender = _Sender(relay, job.name)
     try:
-        return node_convert(job, branch, measured, target, card, sender)
+        with _node_lock(job, f"convert-{branch.name}"):
+            return node_convert(job, branch, measured, target, card, sender)
     finally:
         sender.flush()
+
+
+def _node_lock(job: ModelJob, task: str) -> AbstractContextManager[None]:
+    """One attempt at a time in a task's node folder (Ray may start a retry while a lost attempt runs)."""
+    folder = node_folder(job, task)
+    return work_lock(folder, command_line("cluster task", job.name, task))
 
 
 def _remotes(ray: ModuleType, max_retries: int) -> tuple[Any, Any, Any]:

@@ -156,6 +156,67 @@ class ClusterUnreachable(OptionError):
     reason: str
 
 
+class InvalidBranchName(OptionError):
+    """A branch name that is unsafe as a folder under WORK or as a Hub/git branch."""
+
+    summary = "branch name {name!r}"
+    name: str
+    source: str | None = None  # the recipe or branch-set file that named it; None for flags
+
+
+class DuplicateBranchName(OptionError):
+    """Two branches with one name would share one folder and one Hub branch."""
+
+    summary = "branch name {name!r} given twice"
+    name: str
+    source: str | None = None
+
+
+class RecipeUnknownKey(OptionError):
+    """A key no reader knows: a typo would otherwise be ignored (`head_bit = 6`)."""
+
+    summary = "{path}: unknown key {key!r} in {table}"
+    path: Path
+    key: str
+    table: str
+    known: list[str]
+
+
+class PathOverlapsModel(OptionError):
+    """A path quantkit would write is the source model folder, lies inside it, or holds it."""
+
+    summary = "{what} {path} overlaps the model folder {model_dir}"
+    what: str
+    path: Path
+    model_dir: Path
+
+
+class PathOverlapsWork(OptionError):
+    """A path given for something else is the work folder, or a folder quantkit fills inside it."""
+
+    summary = "{what} {path} overlaps the work folder {work}"
+    what: str
+    path: Path
+    work: Path
+
+
+class PathLeavesWork(OptionError):
+    """A folder quantkit fills under WORK resolves outside it (a symlink on the way)."""
+
+    summary = "{what} {path} is outside the work folder {work}"
+    what: str
+    path: Path
+    work: Path
+
+
+class OutputPathInvalid(OptionError):
+    """An output path that cannot be written: a file on its way, or a folder in its place."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
 # ---- model and architectures: config.json, safetensors, the Hub, the adapters -------------------------
 
 
@@ -500,6 +561,23 @@ class ClusterTasksFailed(WorkFolderError):
     failures: dict[str, BaseException]
 
 
+class WorkFolderBusy(WorkFolderError):
+    """Another process holds the work folder's lock."""
+
+    summary = "{work} is in use by PID {pid}: {command}"
+    work: Path
+    pid: int | None
+    command: str | None
+
+
+class WorkFolderNotWritable(WorkFolderError):
+    """The work folder (or a file in it) cannot be written."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
 # ---- publish: the card, the Hub and local git targets ---------------------------------------------
 
 
@@ -513,13 +591,6 @@ class InvalidRepoId(PublishError):
     summary = "repo id {repo_id!r}: {reason}"
     repo_id: str
     reason: str
-
-
-class InvalidBranchName(PublishError):
-    """A branch name the Hub would refuse."""
-
-    summary = "branch name {name!r}"
-    name: str
 
 
 class CardInvalid(PublishError):

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from quantkit import calibration
+from quantkit import calibration, guards
 from quantkit.branches import Branch
 from quantkit.errors import (
     DiskTooSmall,
@@ -83,6 +83,7 @@ class Pipeline:
                 self.model = load_model(self._download(self.model))
             assert self.model.path is not None
             self.model_dir = self.model.path
+        guards.check_work_folder(work, self.model_dir)  # before anything reads or writes WORK
         if weights and not any(self.model_dir.glob("*.safetensors")):
             raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
         # Always the user's source model, adapter or not: a rerun on the same source matches its work.
@@ -347,6 +348,6 @@ class Pipeline:
                                           measurement_rows=prov.rows, measurement_length=prov.length),
             exllamav2_version=conv.converter_version(), adapter=self.adapter_record(),
         )
-        written = fin.finalize(out, record)
+        written = fin.finalize(out, record, source_dir=self.input_dir)
         self.state.mark(step, "done", achieved_decoder_bpw=record.achieved_decoder_bpw)
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)

@@ -8,7 +8,7 @@ A recipe:
     rows = 100                       # quantization pass
     measurement_rows = 16
     length = 2048
-    branches = "default"             # or a branch-set file, or inline [[branch]] tables
+    branches = "default"             # or a branch-set file, or inline [[branch]] tables ([[branches]] too)
 
     [publish]                        # optional: without it, or without a token, into WORK/hub-repo
     repo = "alice/Llama-3-8B-exl2"   # the Hub repo; private = true to create it private
@@ -23,8 +23,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantkit.branches import Branch, default_branches, load_branch_file
-from quantkit.errors import QuantkitError, RecipeUnreadable
+from quantkit import guards
+from quantkit.branches import branches_from_tables, default_branches, load_branch_file
+from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
 from quantkit.parallel import SlotPlan, convert_parallel
@@ -55,32 +56,45 @@ def load_run_recipe(path: Path) -> RunRecipe:
         raise RecipeUnreadable(path, f"not valid TOML ({str(exc).splitlines()[0]})") from exc
     if "model" not in data:
         raise RecipeUnreadable(path, "it names no model (model = \"folder or hub id\")")
-    raw = data.pop("branches", "default")
-    data.pop("branch", None) if isinstance(raw, list) else None
+    known = [k for k in Settings.model_fields if k != "branches"] + ["work", "branches", "publish"]
+    for key in data:
+        if key not in known and key != "branch":
+            raise RecipeUnknownKey(path, key, "the recipe", known)
+    if "branch" in data and "branches" in data:
+        raise RecipeUnreadable(path, "it has both `branch` and `branches`: use one ([[branch]] tables, or branches = \"set\")")
+    # [[branch]] is how branches/default.toml and the docs write a table; [[branches]] is read the same.
+    raw = data.pop("branch", None) if "branch" in data else data.pop("branches", "default")
     if raw == "default":
         branches = default_branches()
     elif isinstance(raw, str):
         branches = load_branch_file((path.parent / raw) if not Path(raw).is_absolute() else Path(raw))
+    elif isinstance(raw, list):
+        branches = branches_from_tables(raw, file=path, table="[[branch]]")
     else:
-        try:
-            branches = [Branch(**b) for b in raw]
-        except (TypeError, ValidationError) as exc:
-            raise RecipeUnreadable(path, f"bad branches ({str(exc).splitlines()[0]})") from exc
+        raise RecipeUnreadable(path, "branches must be a branch-set name or file, or [[branch]] tables")
     work = data.pop("work", None)
     publish = _publish_spec(path, data.pop("publish", {}))
     model = data["model"]
+    if not isinstance(model, str):
+        raise RecipeUnreadable(path, "model must be a string (a folder or a Hub id)")
     if not Path(model).is_absolute() and (path.parent / model).is_dir():
         data["model"] = str((path.parent / model).resolve())
     try:
         settings = Settings(**data, branches=branches)
     except ValidationError as exc:
-        raise RecipeUnreadable(path, f"bad settings ({str(exc).splitlines()[0]}: {exc.errors()[0]['msg']})") from exc
+        first = exc.errors()[0]
+        raise RecipeUnreadable(path, f"bad settings ({'.'.join(str(x) for x in first['loc'])}: {first['msg']})") from exc
+    if work is not None and not isinstance(work, str):
+        raise RecipeUnreadable(path, "work must be a string (a folder)")
     return RunRecipe(settings=settings, work=(path.parent / work) if work else None, publish=publish)
 
 
 def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if not isinstance(raw, dict):
         raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
+    for key in raw:
+        if key not in PublishOptions.model_fields:
+            raise RecipeUnknownKey(path, key, "[publish]", list(PublishOptions.model_fields))
     try:
         spec = PublishOptions(**raw)
     except ValidationError as exc:
@@ -88,6 +102,17 @@ def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if spec.to is not None and not spec.to.is_absolute():
         spec = spec.model_copy(update={"to": path.parent / spec.to})
     return spec
+
+
+def check_run_paths(r: RunRecipe, work: Path) -> None:
+    """The recipe's folders against the model folder, before any work: WORK, and [publish] to.
+
+    Raises:
+        PathOverlapsModel.
+    """
+    model_dir = guards.local_model_dir(r.settings.model)
+    guards.check_work_folder(work, model_dir)
+    guards.refuse_overlap(r.publish.to, model_dir, what="[publish] to")
 
 
 class DryStep(BaseModel):

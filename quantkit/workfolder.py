@@ -33,7 +33,7 @@ from typing import Any, Literal, TypeVar
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from quantkit import __version__
+from quantkit import __version__, guards
 from quantkit.branches import Branch
 from quantkit.calibration import check_count
 from quantkit.errors import WorkFolderCorrupt, WorkFolderIncompatible
@@ -67,10 +67,10 @@ class Work:
         self.hub_repo = root / "hub-repo"
 
     def job(self, branch: str) -> Path:
-        return self.root / "jobs" / branch
+        return guards.check_in_work(self.root / "jobs" / guards.check_branch_name(branch), self.root, what=f"branch {branch}'s job folder")
 
     def out(self, branch: str) -> Path:
-        return self.root / "out" / branch
+        return guards.check_in_work(self.root / "out" / guards.check_branch_name(branch), self.root, what=f"branch {branch}'s output folder")
 
     def branch_provenance(self, branch: str) -> Path:
         return self.out(branch) / BRANCH_PROVENANCE
@@ -110,6 +110,12 @@ class Settings(_Frozen):
     @classmethod
     def _positive(cls, v: int, info: Any) -> int:
         return check_count(info.field_name, v)
+
+    @field_validator("branches")
+    @classmethod
+    def _unique(cls, v: list[Branch]) -> list[Branch]:
+        guards.check_unique_branches(b.name for b in v)
+        return v
 
 
 class SettingsRecord(Record):

@@ -28,6 +28,13 @@ SAMPLES = [
     (e.InvalidCount("--rows", 0), "--rows must be a positive whole number, got 0"),
     (e.UnknownPromptFormat("x", ["chatml"]), "--prompt-format"),
     (e.RecipeUnreadable(Path("r.toml"), "no [model]"), "recipe r.toml: no [model]; see `quantkit run --help`"),
+    (e.InvalidBranchName("../x", "r.toml"), "branch name '../x' in r.toml is not allowed"),
+    (e.DuplicateBranchName("6_5", "r.toml"), "branch name '6_5' is given twice in r.toml: give each branch its own name"),
+    (e.RecipeUnknownKey(Path("r.toml"), "head_bit", "[[branch]]", ["name", "bits", "head_bits"]), "recipe r.toml: unknown key 'head_bit' in [[branch]]: fix its spelling"),
+    (e.PathOverlapsModel("--work", Path("m/w"), Path("/m")), "--work m/w overlaps the model folder /m, which quantkit never writes"),
+    (e.PathOverlapsWork("--to", Path("w/out"), Path("/w")), "--to w/out is the work folder /w or a folder quantkit fills"),
+    (e.PathLeavesWork("branch 6_5's job folder", Path("w/jobs/6_5"), Path("/w")), "leads outside the work folder /w"),
+    (e.OutputPathInvalid(Path("f/x"), "f is a file, not a folder"), "f/x: f is a file, not a folder: pick another output path"),
     (e.MissingExtra("torch", "rewrite tensors"), "torch is needed to rewrite tensors: pip install torch"),
     # model and architectures
     (e.ModelNotFound("x"), "pass a model folder or an id like user/model"),
@@ -70,6 +77,8 @@ SAMPLES = [
     (e.ClusterUnreachable("ray://h:10001", "connection refused"), "the Ray cluster at ray://h:10001 does not answer (connection refused): start it"),
     # work folder
     (e.WorkFolderMismatch(Path("w"), "a/b", "c/d"), "w holds work for a/b, not c/d: use another --work"),
+    (e.WorkFolderBusy(Path("w"), 4242, "quantkit run r.toml"), "w is in use by PID 4242 (quantkit run r.toml): wait for it"),
+    (e.WorkFolderNotWritable(Path("w/state.json"), "cannot write it (Permission denied)"), "make the work folder writable"),
     (e.WorkFolderIncompatible(Path("w/state.json"), 2, 1), "w/state.json is in work-folder format 2, but this quantkit reads format 1: use a new --work"),
     (e.WorkFolderCorrupt(Path("w/recipe.json"), "settings: Field required"), "w/recipe.json is not a file quantkit wrote (settings: Field required): restore it"),
     (e.WorkFolderIncomplete(Path("w"), "no measurement.json", "run `quantkit measure` first"), "w: no measurement.json; run `quantkit measure`"),

@@ -193,7 +193,7 @@ def test_a_hub_repo_without_a_token_publishes_locally_and_says_so(tmp_path, tiny
 @pytest.mark.parametrize(
     ("table", "needle"),
     [('[publish]\nrepo = "not a repo"', "not a repo"),
-     ('[publish]\nrepository = "a/b"', "bad [publish]"),
+     ('[publish]\nrepository = "a/b"', "unknown key 'repository' in [publish]"),
      ('publish = "a/b"', "publish must be a table")],
 )
 def test_a_bad_publish_table_is_refused_before_any_work(tmp_path, tiny_llama, converter_double, table, needle):

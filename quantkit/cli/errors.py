@@ -47,6 +47,13 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
                                "pass ids from `nvidia-smi -L` (or from CUDA_VISIBLE_DEVICES when it is set), e.g. --gpus 0,1"),
     row(e.ClusterUnreachable, lambda x: f"the Ray cluster at {x.address} does not answer ({x.reason}): start it (`ray start --head`) "
                                         "or pass its address, e.g. --cluster ray://HEAD:10001"),
+    row(e.InvalidBranchName, lambda x: f"branch name {x.name!r}" + (f" in {x.source}" if x.source else "") + " is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit, without '..' (like 6_5 or 6.5bpw)"),
+    row(e.DuplicateBranchName, lambda x: f"branch name {x.name!r} is given twice" + (f" in {x.source}" if x.source else "") + ": give each branch its own name (two bitrates would share one folder and one Hub branch)"),
+    row(e.RecipeUnknownKey, lambda x: f"recipe {x.path}: unknown key {x.key!r} in {x.table}: fix its spelling or remove it (known: {', '.join(x.known)})"),
+    row(e.PathOverlapsModel, lambda x: f"{x.what} {x.path} overlaps the model folder {x.model_dir}, which quantkit never writes: pick a folder outside it"),
+    row(e.PathOverlapsWork, lambda x: f"{x.what} {x.path} is the work folder {x.work} or a folder quantkit fills inside it: pick a folder of its own (without --to, publishing goes to {x.work}/hub-repo)"),
+    row(e.PathLeavesWork, lambda x: f"{x.what} {x.path} leads outside the work folder {x.work} (a symlink on the way?): remove the link or pick another --work"),
+    row(e.OutputPathInvalid, lambda x: f"{x.path}: {x.reason}: pick another output path"),
     # model and architectures: config.json, safetensors, the Hub, the adapters
     row(e.ModelNotFound, lambda x: f"{x.ref}: no such folder and not a Hub repo id: pass a model folder or an id like user/model"),
     row(e.ConfigMissing, lambda x: f"no config.json in {x.path}: point MODEL at a Hugging Face model folder (one holding config.json) or a Hub repo id"),
@@ -81,6 +88,8 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.UnreachableBits, lambda x: f"{x.bits:g} bpw cannot be reached with this measurement: it reaches {x.low:.3f} to {x.high:.3f} bpw on this model; pick --bits inside that range"),
     # the work folder: the run's file-backed state
     row(e.WorkFolderMismatch, lambda x: f"{x.work} holds work for {x.recorded}, not {x.model}: use another --work folder for this model"),
+    row(e.WorkFolderBusy, lambda x: f"{x.work} is in use by PID {x.pid if x.pid is not None else '(unknown)'} ({x.command or 'another quantkit'}): wait for it to finish, or stop it, then rerun"),
+    row(e.WorkFolderNotWritable, lambda x: f"{x.path}: {x.reason}: make the work folder writable (chmod u+w) or pick another --work"),
     row(e.WorkFolderIncompatible, lambda x: f"{x.path} is in work-folder format {x.found}, but this quantkit reads format {x.supported}: use a new --work folder, or the quantkit version that made this one"),
     row(e.WorkFolderCorrupt, lambda x: f"{x.path} is not a file quantkit wrote ({x.reason}): restore it, or use a new --work folder"),
     row(e.WorkFolderIncomplete, lambda x: f"{x.work}: {x.missing}; {x.remedy}"),
@@ -89,7 +98,6 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.DiskTooSmall, lambda x: f"{x.path} has {x.free / 1024**3:.1f} GiB free but the plan needs {x.needed / 1024**3:.1f} GiB: free space or pick another --work folder"),
     # publish: the card, the Hub and local git targets
     row(e.InvalidRepoId, lambda x: f"repo id {x.repo_id!r} is not valid ({x.reason}): write it as USER/NAME, e.g. --repo alice/Llama-3-8B-exl2"),
-    row(e.InvalidBranchName, lambda x: f"branch name {x.name!r} is not allowed: use only letters, digits, '.', '_' and '-' (like 6_5 or 6.5bpw)"),
     row(e.CardInvalid, lambda x: f"the model card does not validate: {x.reason}; fix the source's metadata (license, base_model) or report it"),
     row(e.NoHubToken, lambda x: "no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN), or publish into a local git repository with --to PATH"),
     row(e.TokenCannotWrite, lambda x: f"the token of {x.user} cannot write to {x.namespace} ({x.reason}): create a write token at https://huggingface.co/settings/tokens, or publish under your own name"),

@@ -12,11 +12,13 @@ from quantkit.cli.gpus import gpus_from, gpus_option, measuring_converter, slots
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
 from quantkit.errors import InvalidCount
+from quantkit.guards import check_work_folder, local_model_dir
 from quantkit.parallel import convert_parallel
 from quantkit.pipeline import Pipeline, Settings
 from quantkit.workfolder import read_settings
 from quantkit.units import parse_bits, split_list
 from quantkit.vram import check_head_bits
+from quantkit.worklock import command_line, work_lock
 
 work_option = click.option("--work", "work", required=True, type=click.Path(path_type=Path, file_okay=False),
                            help="The work folder (calibration, measurement, one job per bitrate, cleaned outputs).")
@@ -31,6 +33,7 @@ def _count(name: str, value: int | None) -> int | None:
 
 def _settings(model: str, work: Path, **given: object) -> Settings:
     """Settings from the flags, falling back to what WORK/recipe.json recorded, then to defaults."""
+    check_work_folder(work, local_model_dir(model))  # before WORK is read or written
     record = read_settings(work)
     values = record.settings.model_dump() if record is not None else {}
     values |= {"model": model, "branches": []} | {k: v for k, v in given.items() if v is not None}
@@ -68,7 +71,8 @@ def measure(model: str, work: Path, calibration: str | None, calibration_source:
     out = Output()
     s = _settings(model, work, calibration=calibration, calibration_source=calibration_source,
                   measurement_rows=_count("rows", rows), length=_count("length", length))
-    with StepProgress(out) as view:
+    check_work_folder(work, local_model_dir(model))
+    with work_lock(work, command_line("measure", model, "--work", work)), StepProgress(out) as view:
         p = Pipeline(s, work, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)
@@ -110,7 +114,8 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
         raise click.BadParameter("give at least one bitrate", param_hint="--bits")
     chosen = gpus_from(gpus)  # a GPU that does not exist is refused before anything starts
     s = _settings(model, work, rows=_count("rows", rows)).model_copy(update={"branches": brs})
-    with StepProgress(out) as view:
+    check_work_folder(work, local_model_dir(model))
+    with work_lock(work, command_line("convert", model, "--work", work)), StepProgress(out) as view:
         p = Pipeline(s, work, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)

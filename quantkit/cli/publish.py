@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from quantkit.cli.output import Output
+from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
@@ -32,9 +33,12 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, 
       quantkit publish work/llama3 --repo alice/Llama-3-8B-exl2 --to /tmp/llama3-exl2
       git -C /tmp/llama3-exl2 log --all --oneline
     """
+    from quantkit.guards import check_publish_paths
     from quantkit.publish import PublishOptions, publish_work
 
     out = Output()
+    check_publish_paths(work, to)
     options = PublishOptions(repo=repo, to=to, private=private, force=force, prompt_format=prompt_fmt)
-    report = publish_work(work, options, say=out.info, warn=out.warn)
+    with work_lock(work, command_line("publish", work, "--repo", repo)):
+        report = publish_work(work, options, say=out.info, warn=out.warn)
     out.info(f"{report.target}: {len(report.results)} branches verified, {report.commits} commit{'s' if report.commits != 1 else ''} made")

@@ -14,9 +14,10 @@ from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
-from quantkit.run import RunRecipe, load_run_recipe, run_all
 from quantkit.publish import BackgroundPublisher, PublishOptions
+from quantkit.run import RunRecipe, check_run_paths, load_run_recipe, run_all
 from quantkit.units import format_gib
+from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
@@ -74,15 +75,16 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
     out = Output()
     if work is not None and len(recipes) > 1:
         raise click.BadParameter("one work folder cannot hold several recipes: give one RECIPE, or a `work` in each", param_hint="--work")
-    jobs: list[tuple[RunRecipe, Path]] = []
+    jobs: list[tuple[RunRecipe, Path, Path]] = []
     for path in recipes:  # every recipe is read before anything starts
         r = load_run_recipe(path)
         folder = work or r.work
         if folder is None:
             raise click.BadParameter(f"{path} names no `work` folder: add `work = \"DIR\"` to it, or pass --work", param_hint="--work")
-        jobs.append((r, folder))
+        check_run_paths(r, folder)
+        jobs.append((r, folder, path))
     if dry_run:
-        for r, folder in jobs:
+        for r, folder, _ in jobs:
             p = Pipeline(r.settings, folder)
             say_adapter(out, p)
             out.rich(dry_run_plan(p, r.publish))
@@ -97,14 +99,14 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
     if node_work is not None:
         raise click.BadParameter("--node-work goes with --cluster", param_hint="--node-work")
     chosen = gpus_from(gpus)  # a GPU that does not exist is refused before anything starts
-    for r, folder in jobs:
-        _run_one(out, r, folder, force=force_settings, gpus=chosen)
+    for r, folder, path in jobs:
+        _run_one(out, r, folder, path, force=force_settings, gpus=chosen)
 
 
-def _run_one(out: Output, r: RunRecipe, folder: Path, *, force: bool, gpus: list[str]) -> None:
+def _run_one(out: Output, r: RunRecipe, folder: Path, recipe: Path, *, force: bool, gpus: list[str]) -> None:
     start = time.monotonic()
     publisher = BackgroundPublisher(folder, r.publish, say=out.info)  # a bad repo id fails before any work
-    with StepProgress(out) as view:
+    with work_lock(folder, command_line("run", recipe)), StepProgress(out) as view:
         p = Pipeline(r.settings, folder, listener=view, converter=measuring_converter(gpus))
         say_adapter(out, p)
         p.lock(force=force)

@@ -71,9 +71,19 @@ def achieved_bits(folder: Path, *, decoder_weights: int, head_weights: int) -> A
     return Achieved(decoder_bpw=decoder * 8 / decoder_weights, head_bpw=head * 8 / head_weights if head_weights else 0.0, bytes=total)
 
 
-def finalize(folder: Path, provenance: BranchProvenance) -> BranchProvenance:
-    """Clean `folder`, write its index and quantkit.json; returns the provenance written."""
-    removed = remove_stale(folder)
+def stale_in_source(source_dir: Path) -> list[str]:
+    """What compile.py copied from `source_dir` that `remove_stale` removes: the same list whether or not
+    an earlier, killed finalize already removed some of it."""
+    return sorted(p.name for p in source_dir.iterdir()
+                  if p.is_file() and not p.name.endswith((".safetensors", ".bin")) and (p.name in STALE or p.name.endswith(STALE_SUFFIXES)))
+
+
+def finalize(folder: Path, provenance: BranchProvenance, *, source_dir: Path | None = None) -> BranchProvenance:
+    """Clean `folder`, write its index and quantkit.json; returns the provenance written.
+
+    `source_dir` (the converter's `-i`) makes quantkit.json the same after a kill anywhere in here: what
+    a killed first pass removed is no longer in `folder` to be seen."""
+    removed = remove_stale(folder) + (stale_in_source(source_dir) if source_dir is not None else [])
     write_index(folder)
     config = read_json(folder / "config.json")
     if "quantization_config" not in config:  # missing_compiled() already refused this; keep the guard local

@@ -13,13 +13,13 @@ what is missing, and a commit that silently changed nothing is caught. Files qua
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from quantkit.errors import BranchVerifyFailed, ForeignFiles, InvalidBranchName, WorkFolderIncomplete
+from quantkit.errors import BranchVerifyFailed, ForeignFiles, WorkFolderIncomplete
+from quantkit.guards import check_branch_name
 from quantkit.publish.target import RemoteFile, RetryableError, Target
 from quantkit.workfolder import (
     MEASUREMENT,
@@ -34,7 +34,6 @@ from quantkit.workfolder import (
     update_state,
 )
 
-BRANCH_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 COMMIT_PREFIX = "quantkit"  # every commit quantkit makes starts with it: how it knows its own files
 CARD_NAME = "README.md"
 MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE)  # the recipe and provenance travel with the measurement
@@ -83,12 +82,6 @@ class FileHashes:
         if remote.sha256 is not None:
             return remote.sha256 == sha256
         return remote.blob_id == blob
-
-
-def check_branch_name(name: str) -> str:
-    if not BRANCH_NAME.match(name) or name in {".", ".."} or name.endswith(".lock"):
-        raise InvalidBranchName(name)
-    return name
 
 
 def main_files(work: Path, card: Path) -> dict[str, Path]:

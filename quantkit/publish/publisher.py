@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import WorkFolderIncomplete
+from quantkit.files import write_text_atomic
 from quantkit.publish import engine
 from quantkit.publish.engine import CARD_NAME, FileHashes, SyncResult
 from quantkit.publish.target import Target
@@ -99,8 +100,8 @@ def write_card(work: Path, repo: str | None, *, prompt_format: str | None = None
     parse_card(text)
     path = work / "publish" / CARD_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+    if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+        write_text_atomic(path, text)  # a kill here leaves the old card or the new one, never half of it
     return path
 
 
