@@ -65,44 +65,84 @@ class BranchResult(BaseModel):
 
 
 class Pipeline:
-    """One model in one work folder. `converter` is the seam (tests pass one pointed at the double)."""
+    """One model in one work folder. `converter` is the seam (tests pass one pointed at the double).
+
+    Constructing it reads the source's config and tensor headers only (a Hub model's from the Hub), so
+    a dry run plans without weights. The first step that needs them (`lock`, or any step) fetches a Hub
+    model's weights and checks that safetensors are there: `local_weights()`.
+    """
 
     def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
                  listener: Listener | None = None, model: Model | None = None, weights: bool = True) -> None:
         """`weights=False`: this machine only plans, calibrates and keeps the state (a cluster driver,
-        quantkit.cluster); a Hub model's weights are not downloaded here, only its config and tokenizer."""
+        quantkit.cluster): a Hub model's config and tokenizer are fetched here, never its weights."""
         self.settings = settings
+        self.weights = weights
         self.work = Work(work)
         self.converter = converter or conv.Converter()
         self.listener = listener
         self.model = model or load_model(settings.model)
-        if self.model.path is None and not weights:
-            self.model_dir: Path = self._download(self.model, weights=False)
-        else:
-            if self.model.path is None:
-                self.model = load_model(self._download(self.model))
-            assert self.model.path is not None
-            self.model_dir = self.model.path
-        guards.check_work_folder(work, self.model_dir)  # before anything reads or writes WORK
-        if weights and not any(self.model_dir.glob("*.safetensors")):
-            raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
-        # Always the user's source model, adapter or not: a rerun on the same source matches its work.
-        self.fingerprint = meas.model_fingerprint(self.model)
+        guards.check_work_folder(work, self.model.path)  # before anything reads or writes WORK
         #: The adapter's plan (load_model ran its check, so an unmappable config is already refused).
         self.adapter = self.model.adapter
         self.state = State(self.work)
+        self._model_dir: Path | None = None
+        self._fingerprint: str | None = None
         self._input: Path | None = None
         #: Seconds spent inside the converter subprocess, for the overhead figure.
         self.converter_seconds = 0.0
         self._seconds_lock = threading.Lock()
 
+    def has_local_weights(self) -> bool:
+        """The safetensors are on this machine already: reading them downloads nothing."""
+        return self.model.path is not None and any(self.model.path.glob("*.safetensors"))
+
+    def local_weights(self) -> Path:
+        """The folder holding the safetensors the converter reads; a Hub model's are downloaded first.
+
+        Raises:
+            NoWeights: the folder holds no safetensors (exllamav2 converts nothing else).
+        """
+        if self._model_dir is None and not self.weights:
+            # The fingerprint stays the one of `self.model` as loaded (a Hub model's: config and headers).
+            self._model_dir = self.model.path or self._fetch_light(self.model)
+            guards.check_work_folder(self.work.root, self._model_dir)
+        if self._model_dir is None:
+            if self.model.path is None:
+                self.model = self._download(self.model)
+                guards.check_work_folder(self.work.root, self.model.path)  # the Hub snapshot, now it is known
+            assert self.model.path is not None
+            if not any(self.model.path.glob("*.safetensors")):
+                raise NoWeights(self.model.path, "*.safetensors: exllamav2 converts only safetensors checkpoints")
+            self._model_dir = self.model.path
+        return self._model_dir
+
+    @property
+    def model_dir(self) -> Path:
+        return self.local_weights()
+
+    @property
+    def fingerprint(self) -> str:
+        """The user's source model's, adapter or not: a rerun on the same source matches its work."""
+        if self._fingerprint is None:
+            self.local_weights()
+            self._fingerprint = meas.model_fingerprint(self.model)
+        return self._fingerprint
+
     @staticmethod
-    def _download(model: Model, *, weights: bool = True) -> Path:
+    def _fetch_light(model: Model) -> Path:
+        """A Hub model's config and tokenizer files, without its weights."""
+        from quantkit import hub
+
+        return Path(hub.get_hf_api().snapshot_download(model.ref, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja"]))
+
+    @staticmethod
+    def _download(model: Model) -> Model:
         """exllamav2 converts a local folder: fetch a Hub model's weights and tokenizer through the seam."""
         from quantkit import hub
 
-        patterns = ["*.json", "*.txt", "*.model", "*.jinja"] + (["*.safetensors"] if weights else [])
-        return Path(hub.get_hf_api().snapshot_download(model.ref, allow_patterns=patterns))
+        path = hub.get_hf_api().snapshot_download(model.ref, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        return load_model(path)
 
     # ---- settings ------------------------------------------------------------------------------------
 
@@ -206,7 +246,9 @@ class Pipeline:
                              experimental=a.experimental, exact=a.exact, summary=a.summary())
 
     def adapt_needs(self) -> StepNeeds | None:
-        if self.adapter is None:
+        """The working copy's disk and RAM, from the local shards' headers; None without an adapter or
+        before the weights are local."""
+        if self.adapter is None or not self.has_local_weights():
             return None
         from quantkit.archs import adapters
         from quantkit.archs.adapters import workcopy

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantkit import guards
+from quantkit import EXLLAMAV2_VERSION, guards
 from quantkit.branches import branches_from_tables, default_branches, load_branch_file
 from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
@@ -33,6 +33,7 @@ from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
 from quantkit.plan import make_plan
 from quantkit.publish import BackgroundPublisher, PublishOptions, choose_target
 from quantkit.publish.engine import published
+from quantkit.units import format_gib
 from quantkit.vram import CacheMode
 
 DRY_RUN_CONTEXT = 4096
@@ -134,6 +135,7 @@ class DryRun(BaseModel):
     note: str
     publish_target: str
     publish_warnings: list[str]
+    needs: list[str] = []  # what a real run needs that planning did not: weights, GPU, disk
 
 
 def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
@@ -159,15 +161,42 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     reachable = None
     unreachable: list[str] = []
     note = "reachable bitrates are known once the measurement exists"
-    try:
-        _meas, rng, _prov = p.analysis()
-        reachable = (rng.low, rng.high)
-        unreachable = [b.name for b in s.branches if not rng.contains(b.bits)]
-        note = "reachable bitrates from the measurement"
-    except QuantkitError:
-        pass
+    if p.work.measurement.is_file() and not p.has_local_weights():
+        note = "reachable bitrates are checked against the model once its weights are here"
+    elif p.work.measurement.is_file():
+        try:
+            _meas, rng, _prov = p.analysis()
+            reachable = (rng.low, rng.high)
+            unreachable = [b.name for b in s.branches if not rng.contains(b.bits)]
+            note = "reachable bitrates from the measurement"
+        except QuantkitError:
+            pass
     return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note,
-                  publish_target=choice.target.id, publish_warnings=choice.warnings)
+                  publish_target=choice.target.id, publish_warnings=choice.warnings, needs=run_needs(p, steps))
+
+
+def run_needs(p: Pipeline, steps: list[DryStep]) -> list[str]:
+    """What a real run needs beyond what planning read: the weights, a GPU with exllamav2, the disk."""
+    m = p.model
+    said: list[str] = []
+    weights = sum(t.nbytes for t in m.tensors.values())
+    if m.path is None:
+        size = f"{format_gib(weights)} of" if weights else "its"
+        said.append(f"weights: {size} safetensors, downloaded from the Hub ({m.ref}) into the Hugging Face cache")
+    elif not p.has_local_weights():
+        said.append(f"weights: {m.path} holds no *.safetensors; put the model's safetensors shards there "
+                    "(exllamav2 converts only safetensors)")
+    if p.adapter is not None and not p.has_local_weights():
+        said.append("adapt: its disk need is known once the weights are here")
+    pending = [x.needs for x in steps if x.needs is not None and not x.status.startswith("done")]
+    if any(n.vram_bytes for n in pending):
+        vram = max(n.vram_bytes for n in pending)
+        said.append(f"GPU: an NVIDIA GPU with about {format_gib(vram)} free and exllamav2 {EXLLAMAV2_VERSION} "
+                    "(pip install 'quantkit-exl2[exl2]')")
+    if pending:
+        # Each step's scratch is freed before the next, except the outputs; the largest step bounds it.
+        said.append(f"disk: {format_gib(max(n.disk_bytes for n in pending))} free in {p.work.root} for the largest step")
+    return said
 
 
 def _published_status(work: Path, branch: str, target_id: str) -> str:

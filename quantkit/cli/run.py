@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import click
+from rich.markup import escape
 from rich.table import Table
 
 from quantkit.cli.gpus import gpus_from, gpus_option, measuring_converter, slots
@@ -136,5 +137,7 @@ def dry_run_plan(p: Pipeline, publish: PublishOptions) -> Table:
     if notes:
         t.caption = "\n".join([t.caption, *notes])
     t.caption += f"\npublish to {d.publish_target}" + "".join(f"\nwarning: {w}" for w in d.publish_warnings)
+    if d.needs:
+        t.caption += "\na real run needs:" + "".join(f"\n  {escape(n)}" for n in d.needs)  # [exl2] is not markup
     return t
 
