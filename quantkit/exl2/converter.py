@@ -299,10 +299,15 @@ def redo_if_corrupt(job: Job, say: Callable[[str], None]) -> bool:
 
 
 class Converter:
-    """Runs one job at a time. `on_line` sees every classified console line (status events included)."""
+    """Runs one job at a time. `on_line` sees every classified console line (status events included).
 
-    def __init__(self, command: list[str] | None = None) -> None:
+    `env` is laid over the environment of each converter process: quantkit.parallel pins one GPU per
+    conversion with `{"CUDA_VISIBLE_DEVICES": "<id>"}` (exllamav2 then sees it as cuda:0).
+    """
+
+    def __init__(self, command: list[str] | None = None, *, env: dict[str, str] | None = None) -> None:
         self.command = command or converter_command()
+        self.env = dict(env or {})
         self._proc: subprocess.Popen[str] | None = None
         self._cancelled = threading.Event()
 
@@ -346,7 +351,7 @@ class Converter:
         redo_if_corrupt(job, say)
         check_resumable(job)
         argv = self.argv(job)
-        env = runtime.exllamav2_env() | {"PYTHONUNBUFFERED": "1"}
+        env = runtime.exllamav2_env() | self.env | {"PYTHONUNBUFFERED": "1"}
         notice = runtime.notice_once()
         if notice is not None and on_line is not None:
             on_line(LogLine(kind="warning", text=notice))
