@@ -192,7 +192,7 @@ def run_needs(p: Pipeline, steps: list[DryStep]) -> list[str]:
     if any(n.vram_bytes for n in pending):
         vram = max(n.vram_bytes for n in pending)
         said.append(f"GPU: an NVIDIA GPU with about {format_gib(vram)} free and exllamav2 {EXLLAMAV2_VERSION} "
-                    "(pip install 'quantkit-exl2[exl2]')")
+                    "(pip install exllamav2==0.3.2)")
     if pending:
         # Each step's scratch is freed before the next, except the outputs; the largest step bounds it.
         said.append(f"disk: {format_gib(max(n.disk_bytes for n in pending))} free in {p.work.root} for the largest step")

@@ -2,7 +2,9 @@
 module) and the converter double: three branches convert at once on three GPUs, a worker killed
 mid-conversion is retried and resumes, a node that cannot fetch its model fails that task only,
 the driver's state makes a rerun redo only what is missing; and the bad input refused before anything
-starts (Ray missing, an address that does not answer)."""
+starts (Ray missing, an address that does not answer).
+
+The double: a scheduling test, with a converter that can be delayed and killed at a chosen point."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ Kills are injected, never timed: `quantkit.files._commit` (the one rename every 
 raises `Killed` (a BaseException, so no `except Exception` tidies up after it, as none would after
 SIGKILL); the local git target is killed between its ref update and its checkout; exllamav2's job file
 is truncated as a kill while it rewrites it in place would leave it.
+The converter is the double: a kill inside one of its writes is injected through quantkit's own writer,
+which exllamav2's converter does not use.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """Branches converted side by side on one machine (`--gpus`): GPU discovery without torch, the slot
 plan from RAM, one converter process per GPU (shown by the GPU each converter saw and by the overlap
 of their runs, from the double's own start/end lines, not by timing), publishing as each finishes,
-and a failure that lets the others finish and resumes on the rerun."""
+and a failure that lets the others finish and resumes on the rerun.
+
+The double: scheduling tests need a converter that reports the GPU it saw and can be delayed or made to
+fail on one branch, which exllamav2's cannot."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 Two real processes: a `quantkit run` whose converter (the double) hangs mid-measurement, and a second
 command on the same work folder. Waiting is for events (a file appearing, a process ending), each with a
 generous deadline that only turns a hang into a failure; nothing asserts how long anything took.
+The double, because exllamav2's converter cannot be made to hang at a chosen point.
 """
 
 from __future__ import annotations

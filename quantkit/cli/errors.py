@@ -78,7 +78,7 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.NoTextColumn, lambda x: f"calibration source {x.source} has no column {x.wanted!r} (columns: {', '.join(x.columns) or 'none'}): pass --text-column NAME or --messages-column NAME"),
     row(e.NotEnoughText, lambda x: f"calibration source {x.source} holds {x.tokens} tokens, fewer than rows x length = {x.rows} x {x.length} = {x.rows * x.length}: add text, or lower --rows/--length"),
     # the converter: exllamav2's measure and convert
-    row(e.ConverterMissing, lambda x: f"{x.detail}: install the converter with `pip install 'quantkit-exl2[exl2]'` on a machine with an NVIDIA GPU (or set QUANTKIT_CONVERTER)"),
+    row(e.ConverterMissing, lambda x: f"{x.detail}: install the converter with `pip install exllamav2==0.3.2` on a machine with an NVIDIA GPU and a CUDA build of torch (or set QUANTKIT_CONVERTER)"),
     row(e.NoCudaDevice, lambda x: f"no CUDA device ({x.detail}): exllamav2's converter runs only on an NVIDIA GPU; run this on a GPU machine"),
     row(e.ConverterFailed, lambda x: f"{x.task} failed at {x.stage}: {x.reason}" + (f" ({x.last_error})" if x.last_error else "") + f", exit status {x.exit_code}; the work is kept: fix the cause (log: {x.log}) and rerun the same command to resume"),
     row(e.ConverterCancelled, lambda x: f"{x.task} cancelled at {x.stage}; the work is kept (log: {x.log}): rerun the same command to resume"),

@@ -173,13 +173,36 @@ def build_argv(job: Job) -> list[str]:
     return argv + ["-so"]
 
 
+#: Architectures exllamav2 builds with learned position embeddings (RopeStyle.NONE, architecture.py).
+NO_ROPE_ARCHS = ("GPT2LMHeadModel", "GPTBigCodeForCausalLM")
+#: config.py's keys for max_seq_len, in its order of preference (default 2048).
+_CONTEXT_KEYS = ("max_sequence_length", "model_max_length", "max_position_embeddings", "max_seq_len", "n_positions")
+
+
+def saved_length(model_dir: Path, length: int) -> int:
+    """The calibration length exllamav2 saves in its job: convert_exl2.py:211-218 shortens it to the
+    model's context for architectures without RoPE (and saves that), so a resume must expect it."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return length
+    if not isinstance(config, dict) or (config.get("architectures") or [None])[0] not in NO_ROPE_ARCHS:
+        return length
+    for source in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(source.get(key), int):
+                return min(length, source[key])
+    return min(length, 2048)
+
+
 def _wanted(job: Job) -> dict[str, object]:
     """job_new.json keys that exllamav2 takes from an existing job over the command line on resume."""
     want: dict[str, object] = {"in_dir": str(job.model_dir), "cal_dataset": str(job.calibration)}
+    length = saved_length(job.model_dir, job.length)
     if isinstance(job, MeasureJob):
-        want |= {"measurement_rows": job.rows, "measurement_length": job.length, "output_measurement": str(job.measurement)}
+        want |= {"measurement_rows": job.rows, "measurement_length": length, "output_measurement": str(job.measurement)}
     else:
-        want |= {"bits": job.bits, "head_bits": job.head_bits, "dataset_rows": job.rows, "length": job.length,
+        want |= {"bits": job.bits, "head_bits": job.head_bits, "dataset_rows": job.rows, "length": length,
                  "compile_full": str(job.output_dir)}
     return want
 
