@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
+from quantkit.exl2.converter import log_path
 from quantkit import hub
 from quantkit.branches import Branch
 from quantkit.cli.main import cli
@@ -110,7 +111,7 @@ def double(cluster):
 
 def node_jobs(node_root: Path) -> dict[str, Path]:
     """branch -> the job folder its node converted it in."""
-    return {p.parent.parent.name.removeprefix("convert-"): p for p in node_root.glob("*/convert-*/jobs/*")}
+    return {p.parent.parent.name.removeprefix("convert-"): p for p in node_root.glob("*/convert-*/jobs/*") if p.is_dir()}
 
 
 def test_three_branches_on_three_gpus_convert_at_once_and_publish_from_their_node(tmp_path, tiny_llama, cluster, double):
@@ -125,7 +126,7 @@ def test_three_branches_on_three_gpus_convert_at_once_and_publish_from_their_nod
     conv = [runs(j)[0] for j in jobs.values()]
     assert sorted(c[2] for c in conv) == ["0", "1", "2"]  # Ray gave each conversion its own GPU
     assert max(c[0] for c in conv) < min(c[1] for c in conv)  # and all three ran together:
-    assert all("barrier passed" in (j / "quantkit-converter.log").read_text() for j in jobs.values())  # each waited for the others
+    assert all("barrier passed" in log_path(j).read_text() for j in jobs.values())  # each waited for the others
     s = state(work)
     target = GitTarget(repo).id
     assert s["steps"]["measure"]["status"] == "done" and (work / "measurement.json").is_file()
@@ -142,9 +143,9 @@ def test_three_branches_on_three_gpus_convert_at_once_and_publish_from_their_nod
     assert {"tiny-llama measure", "tiny-llama convert:8", "tiny-llama convert:6.5", "tiny-llama convert:5"} <= steps
 
     # A rerun finds everything done in the driver's state: no task runs, no converter starts.
-    before = {b: (j / "quantkit-converter.log").read_text() for b, j in jobs.items()}
+    before = {b: log_path(j).read_text() for b, j in jobs.items()}
     run_queue([QueueItem(settings=settings(tiny_llama), work=work, publish=PublishOptions(to=repo))], node_root=str(nodes))
-    assert {b: (j / "quantkit-converter.log").read_text() for b, j in jobs.items()} == before
+    assert {b: log_path(j).read_text() for b, j in jobs.items()} == before
 
 
 def test_a_worker_killed_mid_conversion_is_retried_and_resumes(tmp_path, tiny_llama, cluster, double):
@@ -154,7 +155,7 @@ def test_a_worker_killed_mid_conversion_is_retried_and_resumes(tmp_path, tiny_ll
     run_queue([QueueItem(settings=settings(tiny_llama, (8.0,)), work=work, publish=PublishOptions(to=tmp_path / "repo"))],
               node_root=str(nodes), max_retries=2)
     assert marker.exists()  # the worker running the conversion was killed once
-    log = (node_jobs(nodes)["8"] / "quantkit-converter.log").read_text()
+    log = log_path(node_jobs(nodes)["8"]).read_text()
     first, second = log.split("\n=== 20")[1:]  # the worker writes this log: two attempts, one each
     assert "=== exit" not in first  # the first attempt's worker died with its converter
     assert "Resuming job" in second and "=== exit 0" in second  # the retry resumed the converter's job

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from quantkit.exl2.converter import log_path
 from quantkit.branches import Branch
 from quantkit.cli.main import cli
 from quantkit.errors import ConverterFailed, NoSuchGpu
@@ -34,7 +35,7 @@ _END = re.compile(r"\(double\) end ([\d.]+)")
 def runs(job_dir: Path) -> list[tuple[float, float | None, str]]:
     """(start, end or None, CUDA_VISIBLE_DEVICES) of every converter run in a job folder's log."""
     out: list[tuple[float, float | None, str]] = []
-    for line in (job_dir / "quantkit-converter.log").read_text().splitlines():
+    for line in log_path(job_dir).read_text().splitlines():
         if m := _START.search(line):
             out.append((float(m.group(1)), None, m.group(2)))
         elif (m := _END.search(line)) and out:
@@ -134,7 +135,7 @@ def test_three_branches_convert_at_once_one_per_gpu_and_publish_as_they_finish(t
     conv = [runs(work / "jobs" / r.branch)[0] for r in results]
     assert sorted(c[2] for c in conv) == gpus  # one GPU each
     assert max(c[0] for c in conv) < min(c[1] for c in conv)  # all three converters were alive together
-    assert all("barrier passed" in (work / "jobs" / r.branch / "quantkit-converter.log").read_text() for r in results)
+    assert all("barrier passed" in log_path(work / "jobs" / r.branch).read_text() for r in results)
     target = GitTarget(repo).id
     s = state(work)
     for b in ("8", "6.5", "5"):
@@ -168,13 +169,13 @@ def test_a_failed_branch_lets_the_others_finish_and_the_rerun_redoes_only_it(tmp
     failed = [b for b in ("8", "6.5", "5") if steps[f"convert:{b}"]["status"] == "failed"]
     assert len(failed) == 1
     assert all(steps[f"convert:{b}"]["status"] == "done" for b in ("8", "6.5", "5") if b not in failed)
-    done_logs = {b: (work / "jobs" / b / "quantkit-converter.log").read_text() for b in ("8", "6.5", "5")}
+    done_logs = {b: log_path(work / "jobs" / b).read_text() for b in ("8", "6.5", "5")}
 
     p = pipeline(tiny_llama, work, gpus=gpus)
     run_all(p, slots=plan_slots(p, p.settings.branches, gpus))
     assert all(state(work)["steps"][f"convert:{b}"]["status"] == "done" for b in ("8", "6.5", "5"))
     for b, log in done_logs.items():
-        again = (work / "jobs" / b / "quantkit-converter.log").read_text()
+        again = log_path(work / "jobs" / b).read_text()
         if b in failed:
             assert "Resuming job" in again[len(log):]  # resumed mid-quantization, not started over
         else:

@@ -60,8 +60,15 @@ def pipeline(model: Path, work: Path, bits=BITS, listener=None) -> Pipeline:
 
 def test_calibration_to_publish_through_the_real_converter(tmp_path, tiny_llama_exl2, real_converter, monkeypatch):
     work, repo = tmp_path / "w", tmp_path / "repo"
-    p = pipeline(tiny_llama_exl2, work)
+    lines = []
+    p = pipeline(tiny_llama_exl2, work, listener=lambda step, line: line is not None and lines.append(line))
     results = run_all(p, BackgroundPublisher(work, PublishOptions(repo="alice/tiny-exl2", to=repo)))
+
+    # exllamav2's " ## Warning: ..." lines are warnings (no error line at all in a clean run), and quantkit
+    # leaves -o empty for a new job: no "Output directory is not empty".
+    assert [x.text for x in lines if x.kind == "error"] == []
+    assert any(x.kind == "warning" and x.text.startswith("## Warning") for x in lines)
+    assert not [x.text for x in lines if "Output directory is not empty" in x.text]
 
     # The measurement: one entry per decoder module, as measure.py writes them (plus its norm/head nulls).
     raw = json.loads(p.work.measurement.read_text())["measurement"]
