@@ -79,6 +79,8 @@ class Pipeline:
         self.listener = listener
         self.model = model or load_model(settings.model)
         guards.check_work_folder(work, self.model.path)  # before anything reads or writes WORK
+        for b in settings.branches:  # each branch's folders resolve inside WORK (Work checks them)
+            self.work.job(b.name), self.work.out(b.name)
         #: The adapter's plan (load_model ran its check, so an unmappable config is already refused).
         self.adapter = self.model.adapter
         self.state = State(self.work)

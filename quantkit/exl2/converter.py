@@ -218,10 +218,11 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), so a reused PID is not mistaken for it."""
+    """The process's start time in clock ticks since boot (Linux), so a reused PID is not mistaken for
+    it; None when it is gone or a zombie (dead, waiting for its parent to reap it)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 

@@ -150,7 +150,8 @@ class Publisher:
         for w in self.warnings:
             self.warn(w)
         card = self.work / "publish" / CARD_NAME
-        if not (reuse_card and card.is_file() and engine.published(self.work, "main", self.target.id) is not None):
+        if not (reuse_card and card.is_file() and engine.published(self.work, "main", self.target.id) is not None
+                and self._on_main(card)):
             card = write_card(self.work, self.options.repo, prompt_format=self.options.prompt_format)
         self.card = card
         if isinstance(self.target, HubTarget):
@@ -158,6 +159,15 @@ class Publisher:
                                               card_text=card.read_text(encoding="utf-8")):
                 self.say(line)
         self.target.prepare()
+
+    def _on_main(self, card: Path) -> bool:
+        """True when `card` is byte for byte the README that `main` holds: only then is a file on disk
+        reused rather than rendered again (a kill could have left anything there)."""
+        try:
+            remote = self.target.list_files("main").get(CARD_NAME)
+            return remote is not None and self.hashes.same(card, remote)
+        except Exception:  # noqa: BLE001 - no target yet, or it cannot say: render the card again
+            return False
 
     def publish_main(self) -> SyncResult:
         assert self.card is not None, "prepare() first"
