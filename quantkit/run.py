@@ -28,6 +28,7 @@ from quantkit.branches import branches_from_tables, default_branches, load_branc
 from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
+from quantkit.parallel import SlotPlan, convert_parallel
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
 from quantkit.plan import make_plan
 from quantkit.publish import BackgroundPublisher, PublishOptions, choose_target
@@ -207,9 +208,12 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
     return f"failed: {record.error or 'unknown'}"
 
 
-def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[BranchResult]:
+def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, *, slots: SlotPlan | None = None) -> list[BranchResult]:
     """calibration -> measure -> (all branches checked reachable) -> convert each, and with a publisher:
     main once the measurement exists, then each branch uploading while the next one converts.
+
+    With `slots` (quantkit.parallel), the branches convert side by side, one per GPU, and each is
+    handed to the publisher as it finishes.
 
     An upload that failed is raised (PublishFailed) after the conversion in flight finishes; the
     worker is joined before this returns or raises.
@@ -217,6 +221,19 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[B
     p.calibration_set()
     p.measure()
     p.check_branches(p.settings.branches)
+    if slots is not None:
+        if publisher is None:
+            return convert_parallel(p, p.settings.branches, slots)
+        with publisher:
+            publisher.begin()
+
+            def hand_over(r: BranchResult) -> None:
+                publisher.check()  # an earlier upload failed: start no further conversion
+                publisher.submit(r.branch)
+
+            results = convert_parallel(p, p.settings.branches, slots, on_done=hand_over)
+            publisher.finish()
+        return results
     if publisher is None:
         return [p.convert(b) for b in p.settings.branches]
     results = []
