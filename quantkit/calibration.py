@@ -31,6 +31,7 @@ from quantkit.errors import (
     NotEnoughText,
     NoTextColumn,
     OutputPathInvalid,
+    RecipeUnknownKey,
     TokenizerMissing,
     UnknownCalibration,
 )
@@ -131,6 +132,9 @@ def load_recipe(ref: str, **overrides: Any) -> tuple[CalibrationRecipe, Path]:
         raise UnknownCalibration(ref, known_recipes())
     try:
         data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        for key in data:  # a typo would otherwise be ignored (or said without its name)
+            if key not in CalibrationRecipe.model_fields:
+                raise RecipeUnknownKey(toml_path, key, "the calibration recipe", list(CalibrationRecipe.model_fields))
         return CalibrationRecipe(**({"name": name} | data | overrides)), toml_path.parent
     except (OSError, tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
         if isinstance(exc, ValidationError) and any(err["loc"] in (("rows",), ("length",)) for err in exc.errors()):
@@ -345,6 +349,8 @@ def build(recipe: CalibrationRecipe, base: Path, model_dir: Path, out_dir: Path)
         write_bytes_atomic(parquet, buf.getvalue().to_pybytes())
     except (FileExistsError, NotADirectoryError) as exc:
         raise OutputPathInvalid(out_dir, "a file is in the way of this folder") from exc
+    except PermissionError as exc:
+        raise OutputPathInvalid(out_dir, f"cannot write there ({exc.strerror})") from exc
     manifest = Manifest(
         name=recipe.name, source=recipe.source, format=fmt, split=recipe.split, seed=recipe.seed, rows=recipe.rows,
         length=recipe.length, column=column, chat_template=chat, samples=len(texts), tokens=tokens,
