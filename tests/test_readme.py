@@ -52,7 +52,7 @@ def _options(path: tuple[str, ...]) -> set[str]:
 
 
 # The command table: | `quantkit measure MODEL --work W` | ... |; "calibration build / show" is two rows in one.
-ROWS = [m.group(1) for m in re.finditer(r"^\| `(quantkit [^`]+)` \|", README, re.M)]
+ROWS = [m.group(1) for m in re.finditer(r"^\| `(quantkit [^`]+)`", README, re.M)]
 # Every `quantkit ...` line of the README's code blocks (after `&&` too), without its trailing comment.
 EXAMPLES = [seg.strip() for block in re.findall(r"```bash\n(.*?)```", README, re.S) for line in block.splitlines()
             for seg in re.sub(r"\s+#.*$", "", line).split("&&") if seg.strip().startswith("quantkit ")]
