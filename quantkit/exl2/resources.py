@@ -18,10 +18,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.model import Model
-from quantkit.vram import decoder_linears, decoder_weight_bytes, embeddings_ram_bytes, lm_head_bytes, norms_and_biases_bytes
+from quantkit.vram import CUDA_CONTEXT_BYTES, decoder_linears, decoder_weight_bytes, embeddings_ram_bytes, lm_head_bytes, norms_and_biases_bytes
 
-#: The CUDA context and allocator slack, as in quantkit.vram.
-CUDA_OVERHEAD = 600 * 1024**2
 #: Quantized variants measure.py tries per projection (qparams.py's reduced tables), at most.
 MEASURE_VARIANTS = 15
 #: fp32 working copies of the linear being quantized: weights, result, error (adaptivegptq.py quantize()).
@@ -74,7 +72,7 @@ def measure_needs(model: Model, *, rows: int, length: int) -> StepNeeds:
         step="measure",
         disk_bytes=2 * states + rows * length * 8,  # hidden_states + its temp swap; cal_data int64
         ram_bytes=2 * states + _variants_ram(model) + embeddings_ram_bytes(model.shape),
-        vram_bytes=_module_vram(model) + _activations_vram(model, length) + CUDA_OVERHEAD,
+        vram_bytes=_module_vram(model) + _activations_vram(model, length) + CUDA_CONTEXT_BYTES,
     )
 
 
@@ -86,7 +84,7 @@ def convert_needs(model: Model, *, bits: float, head_bits: int, rows: int, lengt
         step=f"convert {bits:g}",
         disk_bytes=2 * states + quant + output + rows * length * 8,  # states, out_tensor/, -cf shards, cal_data
         ram_bytes=3 * states + embeddings_ram_bytes(model.shape),  # quantize.py: input, target, output states
-        vram_bytes=_module_vram(model) + _activations_vram(model, length) + CUDA_OVERHEAD,
+        vram_bytes=_module_vram(model) + _activations_vram(model, length) + CUDA_CONTEXT_BYTES,
     )
 
 
