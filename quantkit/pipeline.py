@@ -9,6 +9,7 @@ job_new.json) and goes on. Settings that would invalidate finished work are lock
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,11 @@ class Pipeline:
     """
 
     def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
-                 listener: Listener | None = None, model: Model | None = None) -> None:
+                 listener: Listener | None = None, model: Model | None = None, weights: bool = True) -> None:
+        """`weights=False`: this machine only plans, calibrates and keeps the state (a cluster driver,
+        quantkit.cluster): a Hub model's config and tokenizer are fetched here, never its weights."""
         self.settings = settings
+        self.weights = weights
         self.work = Work(work)
         self.converter = converter or conv.Converter()
         self.listener = listener
@@ -90,6 +94,7 @@ class Pipeline:
         self._input: Path | None = None
         #: Seconds spent inside the converter subprocess, for the overhead figure.
         self.converter_seconds = 0.0
+        self._seconds_lock = threading.Lock()
 
     def has_local_weights(self) -> bool:
         """The safetensors are on this machine already: reading them downloads nothing."""
@@ -101,6 +106,10 @@ class Pipeline:
         Raises:
             NoWeights: the folder holds no safetensors (exllamav2 converts nothing else).
         """
+        if self._model_dir is None and not self.weights:
+            # The fingerprint stays the one of `self.model` as loaded (a Hub model's: config and headers).
+            self._model_dir = self.model.path or self._fetch_light(self.model)
+            guards.check_work_folder(self.work.root, self._model_dir)
         if self._model_dir is None:
             if self.model.path is None:
                 self.model = self._download(self.model)
@@ -127,6 +136,13 @@ class Pipeline:
             self.local_weights()
             self._fingerprint = meas.model_fingerprint(self.model)
         return self._fingerprint
+
+    @staticmethod
+    def _fetch_light(model: Model) -> Path:
+        """A Hub model's config and tokenizer files, without its weights."""
+        from quantkit import hub
+
+        return Path(hub.get_hf_api().snapshot_download(model.ref, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja"]))
 
     @staticmethod
     def _download(model: Model) -> Model:
@@ -167,7 +183,7 @@ class Pipeline:
                 self._reset(step)
             merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
             new = new.model_copy(update={"branches": list(merged.values())})
-        write_record(self.work.recipe, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir)))
+        write_record(self.work.settings, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir)))
 
     def _done_branches(self) -> list[str]:
         return [k for k, v in self.state.steps.items() if k.startswith("convert:") and v.status != "pending"]
@@ -335,17 +351,26 @@ class Pipeline:
             meas.check_reachable(b.bits, rng)
         return rng
 
-    def convert(self, branch: Branch) -> BranchResult:
-        """One bitrate from the measurement into WORK/out/<branch>, resumed when its job folder survives."""
+    def convert_job(self, branch: Branch) -> conv.ConvertJob:
+        """The converter job for one bitrate (the calibration set must exist: `calibration_set()`)."""
+        s = self.settings
+        return conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
+                               output_dir=self.work.out(branch.name), bits=branch.bits, head_bits=branch.head_bits,
+                               calibration=self.work.calibration / calibration.PARQUET_NAME, rows=s.rows, length=s.length)
+
+    def convert(self, branch: Branch, *, converter: conv.Converter | None = None) -> BranchResult:
+        """One bitrate from the measurement into WORK/out/<branch>, resumed when its job folder survives.
+
+        `converter` replaces the pipeline's own for this call: quantkit.parallel gives each branch one
+        pinned to its GPU, so several branches can convert at once from threads.
+        """
         s = self.settings
         cal = self.calibration_set()
         _m, rng, prov = self.analysis()
         meas.check_reachable(branch.bits, rng)
         step = convert_step(branch.name)
         out = self.work.out(branch.name)
-        job = conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
-                              output_dir=out, bits=branch.bits, head_bits=branch.head_bits, calibration=cal.parquet,
-                              rows=s.rows, length=s.length)
+        job = self.convert_job(branch)
         done = read_branch_provenance(out) if self.state.done(step) and conv.is_finished(job) else None
         if done is not None:
             return BranchResult(branch=branch.name, folder=out, provenance=done, converter_seconds=0.0, skipped=True)
@@ -356,11 +381,12 @@ class Pipeline:
         self._emit(step, None)
         self.state.mark(step, "running", bits=branch.bits, head_bits=branch.head_bits)
         try:
-            result = self.converter.run(job, on_line=lambda line: self._emit(step, line))
+            result = (converter or self.converter).run(job, on_line=lambda line: self._emit(step, line))
         except Exception:
             self.state.mark(step, "failed")
             raise
-        self.converter_seconds += result.seconds
+        with self._seconds_lock:
+            self.converter_seconds += result.seconds
         head_weights = self.model.shape.hidden * self.model.shape.vocab
         achieved = fin.achieved_bits(out, decoder_weights=rng.decoder_weights, head_weights=head_weights)
         record = BranchProvenance(

@@ -30,6 +30,7 @@ from quantkit.branches import branches_from_tables, default_branches, load_branc
 from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
+from quantkit.parallel import SlotPlan, convert_parallel
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
 from quantkit.plan import make_plan
 from quantkit.eval.core import EvalSpec, Evaluation, evaluate_branch
@@ -207,7 +208,7 @@ def run_needs(p: Pipeline, steps: list[DryStep]) -> list[str]:
     if any(n.vram_bytes for n in pending):
         vram = max(n.vram_bytes for n in pending)
         said.append(f"GPU: an NVIDIA GPU with about {format_gib(vram)} free and exllamav2 {EXLLAMAV2_VERSION} "
-                    "(pip install 'quantkit-exl2[exl2]')")
+                    "(pip install exllamav2==0.3.2)")
     if pending:
         # Each step's scratch is freed before the next, except the outputs; the largest step bounds it.
         said.append(f"disk: {format_gib(max(n.disk_bytes for n in pending))} free in {p.work.root} for the largest step")
@@ -223,13 +224,18 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
     return f"failed: {record.error or 'unknown'}"
 
 
-def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluation: Evaluation | None = None) -> list[BranchResult]:
+def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluation: Evaluation | None = None, *,
+            slots: SlotPlan | None = None) -> list[BranchResult]:
     """calibration -> measure -> (all branches checked reachable) -> convert each, and with a publisher:
     main once the measurement exists, then each branch uploading while the next one converts.
 
+    With `slots` (quantkit.parallel), the branches convert side by side, one per GPU, and each is
+    handed to the publisher as it finishes.
+
     With an evaluation, the reference logits come right after the measurement and each branch is
-    evaluated once converted: one that fails is not published (the run goes on with the others), and
-    main is published again at the end with the card's KL/PPL columns, eval.json and the chart.
+    evaluated once converted (on this thread, as it is handed over): one that fails is not published
+    (the run goes on with the others), and main is published again at the end with the card's KL/PPL
+    columns, eval.json and the chart.
 
     An upload that failed is raised (PublishFailed) after the conversion in flight finishes; the
     worker is joined before this returns or raises.
@@ -239,25 +245,43 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluatio
     p.check_branches(p.settings.branches)
     if evaluation is not None:
         evaluation.reference()
-    results: list[BranchResult] = []
 
-    def convert(b: Branch) -> bool:
-        """Convert (and evaluate) one branch; whether it may be published."""
-        results.append(p.convert(b))
+    def passes(r: BranchResult) -> bool:
+        """Evaluate a converted branch; whether it may be published."""
         if evaluation is None:
             return True
-        ev = evaluate_branch(evaluation, b.name, results[-1].folder)
-        p.state.mark(f"eval:{b.name}", ev.status, **({"error": ev.error} if ev.error else {"kl_mean": ev.kl_mean}))
+        ev = evaluate_branch(evaluation, r.branch, r.folder)
+        p.state.mark(f"eval:{r.branch}", ev.status, **({"error": ev.error} if ev.error else {"kl_mean": ev.kl_mean}))
         return ev.status == "done"
 
+    if slots is not None:
+        if publisher is None:
+            return convert_parallel(p, p.settings.branches, slots, on_done=passes)
+        with publisher:
+            publisher.begin()
+
+            def hand_over(r: BranchResult) -> None:
+                ok = passes(r)
+                publisher.check()  # an earlier upload failed: start no further conversion
+                if ok:
+                    publisher.submit(r.branch)
+
+            results = convert_parallel(p, p.settings.branches, slots, on_done=hand_over)
+            publisher.finish()
+            if evaluation is not None:
+                publisher.refresh_main()
+        return results
+    results: list[BranchResult] = []
     if publisher is None:
         for b in p.settings.branches:
-            convert(b)
+            results.append(p.convert(b))
+            passes(results[-1])
         return results
     with publisher:
         publisher.begin()
         for b in p.settings.branches:
-            ok = convert(b)
+            results.append(p.convert(b))
+            ok = passes(results[-1])
             publisher.check()  # an earlier upload failed: stop before the next conversion
             if ok:
                 publisher.submit(b.name)

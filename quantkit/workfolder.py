@@ -42,7 +42,9 @@ from quantkit.files import write_text_atomic
 #: The format of every record below. Bump it when a field is renamed, removed or changes meaning.
 FORMAT_VERSION = 1
 
-RECIPE = "recipe.json"
+# "recipe" is the TOML a user writes for `quantkit run`; the work folder's copy of the settings keeps
+# its first file name, because published repos and existing work folders hold it under that name.
+SETTINGS = "recipe.json"
 STATE = "state.json"
 MEASUREMENT = "measurement.json"
 PROVENANCE = "measurement.provenance.json"
@@ -55,7 +57,7 @@ class Work:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.recipe = root / RECIPE
+        self.settings = root / SETTINGS
         self.state = root / STATE
         self.calibration = root / "calibration"
         self.adapted = root / "adapted"
@@ -142,8 +144,9 @@ class StepInfo(_Frozen):
     model_fingerprint: str | None = None  # adapt: the source the working copy was made from
     written_bytes: int | None = None  # adapt
     files: int | None = None  # adapt
+    node: str | None = None  # on a cluster: the node that ran the step
     kl_mean: float | None = None  # eval: the branch's mean KL divergence against the unquantized model
-    error: str | None = None  # eval: why the branch failed (it is then never published)
+    error: str | None = None  # failed: why, when the run knows (eval: the branch is then never published)
 
 
 class StepState(_Frozen):
@@ -270,7 +273,7 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def read_settings(work: Path) -> SettingsRecord | None:
-    return read_record(SettingsRecord, Work(work).recipe)
+    return read_record(SettingsRecord, Work(work).settings)
 
 
 def read_state(work: Path) -> StateRecord:
@@ -323,8 +326,9 @@ class State:
     def mark(self, step: str, status: Status, **info: Any) -> None:
         merged = self.get(step).info.model_copy(update=info)
         self.steps[step] = StepState(status=status, updated=now(), info=StepInfo.model_validate(merged.model_dump()))
-        steps = dict(self.steps)
-        update_state(self.work.root, lambda s: s.model_copy(update={"steps": steps}))
+        # The steps are copied under the file lock: branches converting side by side (quantkit.parallel)
+        # mark from several threads, and the last writer must not put back an older copy.
+        update_state(self.work.root, lambda s: s.model_copy(update={"steps": dict(self.steps)}))
 
     def reset(self, step: str) -> None:
         if step in self.steps:
@@ -336,7 +340,7 @@ class State:
 
 
 def is_work_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / n).exists() for n in (MEASUREMENT, RECIPE, STATE, "out"))
+    return path.is_dir() and any((path / n).exists() for n in (MEASUREMENT, SETTINGS, STATE, "out"))
 
 
 def converted_branches(work: Path) -> list[str]:

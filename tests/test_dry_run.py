@@ -73,7 +73,7 @@ def test_hub_id_plans_without_downloading_weights(tmp_path: Path, hub_model: moc
     assert r.exit_code == 0, r.output
     hub_model.snapshot_download.assert_not_called()
     text = " ".join(r.output.split())
-    assert "convert:6_5" in text and "downloaded from the Hub (alice/tiny-llama)" in text and "NVIDIA GPU" in text and "quantkit-exl2[exl2]" in text
+    assert "convert:6_5" in text and "downloaded from the Hub (alice/tiny-llama)" in text and "NVIDIA GPU" in text and "pip install exllamav2==0.3.2" in text
 
 
 def test_hub_id_downloads_when_a_step_needs_the_weights(tmp_path: Path, hub_model: mock.Mock, tiny_llama: Path) -> None:
@@ -85,5 +85,5 @@ def test_hub_id_downloads_when_a_step_needs_the_weights(tmp_path: Path, hub_mode
     p.lock()
     hub_model.snapshot_download.assert_called_once()
     assert hub_model.snapshot_download.call_args.args == ("alice/tiny-llama",)
-    recorded = json.loads(p.work.recipe.read_text())
+    recorded = json.loads(p.work.settings.read_text())
     assert recorded["model_dir"] == str(tiny_llama) and recorded["settings"]["model"] == "alice/tiny-llama"

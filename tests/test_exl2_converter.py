@@ -1,4 +1,7 @@
-"""The converter seam against the test double: argv, verdicts from job_new.json, failures, resume."""
+"""The converter seam against the test double: argv, verdicts from job_new.json, failures, resume.
+
+The double, because the faults are injected into the converter itself (exit 0 or 1 at a given stage, a
+converter that hangs and must be sent SIGTERM): none can be injected around exllamav2's own."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import pytest
 
 from quantkit.errors import ConverterCancelled, ConverterFailed, ConverterMissing, JobMismatch
 from quantkit.exl2 import converter as conv
+from quantkit.exl2 import runtime
 from quantkit.exl2.converter import ConvertJob, Converter, MeasureJob, build_argv
 from quantkit.exl2.job import read_job
 from quantkit.exl2.status import MEASURE_STAGES
@@ -146,3 +150,50 @@ def test_a_kept_job_with_other_settings_is_refused(tmp_path, tiny_llama, convert
     with pytest.raises(JobMismatch) as info:
         Converter().run(convert_job(tmp_path, tiny_llama, bits=5.0))
     assert (info.value.field, info.value.found, info.value.wanted) == ("bits", 6.5, 5.0)
+
+
+@pytest.mark.parametrize(("arch", "context", "saved"), [
+    ("GPT2LMHeadModel", {"n_positions": 32}, 32),  # no RoPE: convert_exl2.py:211-218 saves the model's context
+    ("GPTBigCodeForCausalLM", {"n_positions": 48}, 48),
+    ("GPT2LMHeadModel", {"n_positions": 1024}, 64),  # longer context: the length stays
+    ("LlamaForCausalLM", {"max_position_embeddings": 32}, 64),  # RoPE: exllamav2 never shortens it
+])
+def test_resume_expects_the_length_exllamav2_saved(tmp_path, arch, context, saved):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": [arch]} | context))
+    job = measure_job(tmp_path, model)  # length 64
+    job.work_dir.mkdir()
+    # the job file as convert_exl2.py saved it before a kill
+    (job.work_dir / "job_new.json").write_text(json.dumps({
+        "in_dir": str(model), "cal_dataset": str(job.calibration), "measurement_rows": 4, "measurement_length": saved,
+        "length": min(2048, saved), "output_measurement": str(job.measurement), "progress": "measure_quant"}))
+    conv.check_resumable(job)  # no JobMismatch
+    other = job.model_copy(update={"length": 96})
+    if saved < 64:  # a longer request is shortened to the same context: still this job
+        conv.check_resumable(other)
+    else:
+        with pytest.raises(JobMismatch):
+            conv.check_resumable(other)
+
+
+@pytest.mark.parametrize("installed", [None, "flash_attn", "xformers"])
+def test_every_converter_runs_with_no_sdpa_unless_a_causal_attention_is_installed(tmp_path, monkeypatch, installed):
+    """exllamav2's SDPA attention is not causal (quantkit/exl2/runtime.py): without flash-attn or xformers
+    the converter's environment carries EXLLAMA_NO_SDPA=1, and the screen hears it once per process."""
+    real = runtime.importlib.util.find_spec
+    monkeypatch.setattr(runtime.importlib.util, "find_spec",
+                        lambda name, *a: (object() if name == installed else None) if name in ("flash_attn", "xformers") else real(name, *a))
+    monkeypatch.setattr(runtime, "_said", False)
+    monkeypatch.delenv(runtime.NO_SDPA, raising=False)
+    probe = Converter(command=[sys.executable, "-c", "import os; print('NO_SDPA=' + os.environ.get('EXLLAMA_NO_SDPA', 'unset'))"])
+    lines = []
+    for _ in range(2):
+        with pytest.raises(ConverterFailed):  # the probe writes no job: only its environment matters here
+            probe.run(measure_job(tmp_path, tmp_path), on_line=lines.append)
+    texts = [line.text for line in lines if line.kind == "text"]
+    warnings = [line.text for line in lines if line.kind == "warning"]
+    if installed is None:
+        assert texts.count("NO_SDPA=1") == 2 and warnings == [runtime.NO_SDPA_NOTICE]
+    else:
+        assert texts.count("NO_SDPA=unset") == 2 and warnings == []

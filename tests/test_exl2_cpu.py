@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exl2_cpu import ext
+from exl2_cpu import exllamav2_logits, ext
 from quantkit.exl2 import runtime
 
 TEXT = ("The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
@@ -36,17 +36,7 @@ def reference_logits(folder: Path, ids: list[int]) -> torch.Tensor:
 
 def exl2_logits(folder: Path, ids: list[int]) -> torch.Tensor:
     """exllamav2's own loader and forward (an EXL2 folder or an unquantized one), as shipped."""
-    from exllamav2 import ExLlamaV2, ExLlamaV2Config
-
-    cfg = ExLlamaV2Config(str(folder))  # reads EXLLAMA_NO_SDPA from the environment here
-    cfg.max_seq_len = 256
-    model = ExLlamaV2(cfg)
-    model.load()
-    try:
-        with torch.no_grad():
-            return model.forward(torch.tensor([ids])).float()[0]
-    finally:
-        model.unload()
+    return exllamav2_logits(folder, ids)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:

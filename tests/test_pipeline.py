@@ -1,5 +1,11 @@
 """The file-backed pipeline against the converter double: resume after a kill at every stage,
-refusals before any GPU work, locked settings, cleaned outputs."""
+refusals before any GPU work, locked settings, cleaned outputs.
+
+Why the double and not exllamav2's converter (tests/test_real_converter.py runs that end to end, with a
+kill during measure and during a conversion): a kill at an exact job stage or mid-shard, an exit 0 without
+a finished job, and a converter that dies after its job file says "finished" are faults that cannot be
+injected around the real converter (it has no hook, and its stages are hit only by timing); the
+refusals and locked settings need a converter run per test, in milliseconds."""
 
 from __future__ import annotations
 

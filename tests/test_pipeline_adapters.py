@@ -4,6 +4,8 @@ Tiny StableLM and GPT-NeoX checkpoints (adapters_tiny.py) go through the convert
 copy lands in WORK/adapted and is the converter's -i, the user's folder is never written, the adapter
 is recorded in measurement.provenance.json and each quantkit.json, the copy is reused while complete
 and rebuilt when not, and a config the adapter refuses fails before any converter call.
+The double records every -i it was started with and runs in milliseconds; the adapted models through
+exllamav2's real converter and loader are in tests/test_real_converter.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """`quantkit run` publishing for real into a local git target: layout, the upload of branch N while
 N+1 converts (ordering proved by events from the seams, not by timing), resume after a crash, and an
-upload failure that leaves the state saying which branch is unpublished."""
+upload failure that leaves the state saying which branch is unpublished.
+
+The converter double here: these are scheduling and crash tests (a conversion held until an upload
+started, a crash between branches); tests/test_real_converter.py publishes exllamav2's real output."""
 
 from __future__ import annotations
 

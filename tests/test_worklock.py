@@ -3,6 +3,7 @@
 Two real processes: a `quantkit run` whose converter (the double) hangs mid-measurement, and a second
 command on the same work folder. Waiting is for events (a file appearing, a process ending), each with a
 generous deadline that only turns a hang into a failure; nothing asserts how long anything took.
+The double, because exllamav2's converter cannot be made to hang at a chosen point.
 """
 
 from __future__ import annotations
@@ -165,3 +166,23 @@ def test_the_lock_refuses_in_process_too(tmp_path):
             capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
     assert child.returncode == 3 and child.stdout.split()[0] == str(os.getpid()) and "quantkit measure" in child.stdout
     assert WorkFolderBusy  # the error type the CLI turns into one line
+
+
+def test_a_converter_whose_quantkit_is_alive_is_not_an_orphan(tmp_path):
+    """Two processes driving the core without the CLI's lock: the second refuses instead of killing."""
+    from quantkit.files import write_json_atomic
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        job = tmp_path / "job"
+        job.mkdir()
+        write_json_atomic(conv.pid_path(job), {"pid": child.pid, "start_ticks": conv._start_ticks(child.pid), "argv": [],
+                                                "quantkit_pid": owner.pid, "quantkit_start_ticks": conv._start_ticks(owner.pid)})
+        with pytest.raises(WorkFolderBusy) as info:
+            conv.stop_orphan(job, lambda m: pytest.fail(m))
+        assert info.value.pid == owner.pid and child.poll() is None
+    finally:
+        for p in (owner, child):
+            p.kill()
+            p.wait()

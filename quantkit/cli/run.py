@@ -9,6 +9,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from quantkit.cli.gpus import gpus_from, gpus_option, measuring_converter, slots
 from quantkit.cli.measure import say_adapter
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
@@ -16,22 +17,40 @@ from quantkit.eval.core import failed_branches, for_pipeline
 from quantkit.pipeline import Pipeline
 from quantkit.run import dry_run as plan_dry_run
 from quantkit.publish import BackgroundPublisher, PublishOptions
-from quantkit.run import check_run_paths, load_run_recipe, run_all
+from quantkit.run import RunRecipe, check_run_paths, load_run_recipe, run_all
 from quantkit.units import format_gib
 from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
-@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--work", type=click.Path(path_type=Path, file_okay=False), help="The work folder (default: the recipe's `work`).")
+@click.argument("recipes", nargs=-1, required=True, metavar="RECIPE...", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False), help="The work folder (default: the recipe's `work`); one RECIPE only.")
 @click.option("--dry-run", is_flag=True, help="Print the steps, their disk/RAM/VRAM and the reachable bitrates; run nothing.")
 @click.option("--force-settings", is_flag=True, help="Allow settings that invalidate finished work; redoes those steps.")
-def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) -> None:
+@gpus_option
+@click.option("--cluster", metavar="ADDRESS",
+              help="Run on a Ray cluster (pip install 'quantkit-exl2[ray]'): ray://HOST:PORT, HOST:PORT or `auto`. "
+                   "Each measurement and each branch conversion is a task needing one GPU; several RECIPEs form one queue.")
+@click.option("--node-work", metavar="DIR",
+              help="With --cluster: the folder on each node for its tasks' converter work (default: $QUANTKIT_NODE_WORK, "
+                   "else quantkit-cluster in the node's temporary folder).")
+def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_settings: bool, gpus: str | None,
+        cluster: str | None, node_work: str | None) -> None:
     """Run RECIPE: calibration -> measure -> convert each branch -> evaluate it -> publish each.
 
     Publishing works as `quantkit publish` does (main gets measurement.json, README and recipe; each
     bitrate its own branch), and each branch uploads while the next one converts. Without a [publish]
     table, or without a Hugging Face token, it publishes into the local git repository WORK/hub-repo.
+
+    With several GPUs (--gpus, or all visible by default) the branches convert side by side, one
+    converter process pinned to each GPU, as many at once as the system RAM allows, and each is
+    published as soon as it is converted. Several RECIPEs run one after another.
+
+    With --cluster, the measurement and each branch's conversion are Ray tasks that need one GPU,
+    and several RECIPEs form one queue over the cluster: each node fetches the model it needs (from
+    the Hub, or a path on shared storage), gets measurement.json through Ray's object store and
+    publishes the branch it converted. This machine keeps each work folder's state, so a rerun after
+    a node or driver failure redoes only what is missing.
 
     State lives in WORK/state.json (atomic writes; "published" says what landed where). After a crash
     anywhere, including mid-conversion or mid-upload, the same command resumes where it stopped and
@@ -49,7 +68,7 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
       work = "work/llama3"
       calibration = "default"         # recipe name or file; calibration_source = "..." for toxic-qna
       rows = 100                      # quant pass; measurement_rows = 16; length = 2048
-      branches = "default"            # or a branch-set file, or [[branches]] tables
+      branches = "default"            # or a branch-set file, or [[branch]] tables
       eval = false                    # or [eval] with rows = 20, length = 2048, source = "...", top_k = 100
       [publish]
       repo = "alice/Llama-3-8B-exl2"  # private = true; or to = "exl2-repo" (a local git repo)
@@ -58,27 +77,51 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool) ->
       quantkit run llama3.toml --dry-run
       quantkit run llama3.toml
       quantkit run llama3.toml --work /scratch/llama3 --force-settings
+      quantkit run llama3.toml --gpus 0,1,2
+      quantkit run llama3.toml mistral.toml qwen.toml --cluster ray://head:10001
     """
     out = Output()
-    r = load_run_recipe(recipe)
-    folder = work or r.work
-    if folder is None:
-        raise click.BadParameter("the recipe names no `work` folder: pass --work DIR", param_hint="--work")
-    check_run_paths(r, folder)
+    if work is not None and len(recipes) > 1:
+        raise click.BadParameter("one work folder cannot hold several recipes: give one RECIPE, or a `work` in each", param_hint="--work")
+    jobs: list[tuple[RunRecipe, Path, Path]] = []
+    for path in recipes:  # every recipe is read before anything starts
+        r = load_run_recipe(path)
+        folder = work or r.work
+        if folder is None:
+            raise click.BadParameter(f"{path} names no `work` folder: add `work = \"DIR\"` to it, or pass --work", param_hint="--work")
+        check_run_paths(r, folder)
+        jobs.append((r, folder, path))
     if dry_run:
-        p = Pipeline(r.settings, folder)
-        say_adapter(out, p)
-        out.rich(dry_run_plan(p, r.publish))
+        for r, folder, _ in jobs:
+            p = Pipeline(r.settings, folder)
+            say_adapter(out, p)
+            out.rich(dry_run_plan(p, r.publish))
         return
+    if cluster is not None:
+        if gpus is not None:
+            raise click.BadParameter("on a cluster Ray gives each task one GPU: drop --gpus", param_hint="--gpus")
+        from quantkit.cli.cluster import run_on_cluster
+
+        run_on_cluster(out, jobs, address=cluster, force=force_settings, node_work=node_work)
+        return
+    if node_work is not None:
+        raise click.BadParameter("--node-work goes with --cluster", param_hint="--node-work")
+    chosen = gpus_from(gpus)  # a GPU that does not exist is refused before anything starts
+    for r, folder, path in jobs:
+        _run_one(out, r, folder, path, force=force_settings, gpus=chosen)
+
+
+def _run_one(out: Output, r: RunRecipe, folder: Path, recipe: Path, *, force: bool, gpus: list[str]) -> None:
     start = time.monotonic()
     publisher = BackgroundPublisher(folder, r.publish, say=out.info)  # a bad repo id fails before any work
     with work_lock(folder, command_line("run", recipe)), StepProgress(out) as view:
-        p = Pipeline(r.settings, folder, listener=view)
+        p = Pipeline(r.settings, folder, listener=view, converter=measuring_converter(gpus))
         say_adapter(out, p)
-        p.lock(force=force_settings)
+        p.lock(force=force)
+        plan = slots(out, p, r.settings.branches, gpus)
         evaluation = for_pipeline(p, r.eval, say=lambda m: view.progress.console.print(m, markup=False, highlight=False)) if r.eval.enabled else None
         try:
-            results = run_all(p, publisher, evaluation)
+            results = run_all(p, publisher, evaluation, slots=plan)
         finally:
             if evaluation is not None:
                 evaluation.close()

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from quantkit.errors import ConverterCancelled, ConverterFailed, ConverterMissing, JobMismatch, NoCudaDevice
+from quantkit.errors import ConverterCancelled, ConverterFailed, ConverterMissing, JobMismatch, NoCudaDevice, WorkFolderBusy
 from quantkit.exl2 import job as jobfile
 from quantkit.exl2 import runtime
 from quantkit.exl2.status import LogLine, classify
@@ -173,13 +173,36 @@ def build_argv(job: Job) -> list[str]:
     return argv + ["-so"]
 
 
+#: Architectures exllamav2 builds with learned position embeddings (RopeStyle.NONE, architecture.py).
+NO_ROPE_ARCHS = ("GPT2LMHeadModel", "GPTBigCodeForCausalLM")
+#: config.py's keys for max_seq_len, in its order of preference (default 2048).
+_CONTEXT_KEYS = ("max_sequence_length", "model_max_length", "max_position_embeddings", "max_seq_len", "n_positions")
+
+
+def saved_length(model_dir: Path, length: int) -> int:
+    """The calibration length exllamav2 saves in its job: convert_exl2.py:211-218 shortens it to the
+    model's context for architectures without RoPE (and saves that), so a resume must expect it."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return length
+    if not isinstance(config, dict) or (config.get("architectures") or [None])[0] not in NO_ROPE_ARCHS:
+        return length
+    for source in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            if isinstance(source.get(key), int):
+                return min(length, source[key])
+    return min(length, 2048)
+
+
 def _wanted(job: Job) -> dict[str, object]:
     """job_new.json keys that exllamav2 takes from an existing job over the command line on resume."""
     want: dict[str, object] = {"in_dir": str(job.model_dir), "cal_dataset": str(job.calibration)}
+    length = saved_length(job.model_dir, job.length)
     if isinstance(job, MeasureJob):
-        want |= {"measurement_rows": job.rows, "measurement_length": job.length, "output_measurement": str(job.measurement)}
+        want |= {"measurement_rows": job.rows, "measurement_length": length, "output_measurement": str(job.measurement)}
     else:
-        want |= {"bits": job.bits, "head_bits": job.head_bits, "dataset_rows": job.rows, "length": job.length,
+        want |= {"bits": job.bits, "head_bits": job.head_bits, "dataset_rows": job.rows, "length": length,
                  "compile_full": str(job.output_dir)}
     return want
 
@@ -244,7 +267,8 @@ def _start_ticks(pid: int) -> int | None:
 def _record_pid(work_dir: Path, pid: int, argv: list[str]) -> None:
     from quantkit.files import write_json_atomic
 
-    write_json_atomic(pid_path(work_dir), {"pid": pid, "start_ticks": _start_ticks(pid), "argv": argv})
+    write_json_atomic(pid_path(work_dir), {"pid": pid, "start_ticks": _start_ticks(pid), "argv": argv,
+                                            "quantkit_pid": os.getpid(), "quantkit_start_ticks": _start_ticks(os.getpid())})
 
 
 def orphan(work_dir: Path) -> int | None:
@@ -259,6 +283,18 @@ def orphan(work_dir: Path) -> int | None:
     return pid
 
 
+def _owner(work_dir: Path) -> int | None:
+    """The PID of the quantkit that started the recorded converter, when it is alive and not this one."""
+    try:
+        data = json.loads(pid_path(work_dir).read_text(encoding="utf-8"))
+        pid, ticks = int(data["quantkit_pid"]), data.get("quantkit_start_ticks")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid() or ticks is None or _start_ticks(pid) != ticks:
+        return None
+    return pid
+
+
 def stop_orphan(work_dir: Path, say: Callable[[str], None]) -> None:
     """Stop a converter left running by an earlier quantkit on this job folder (its session: it and
     anything it started), so two converters never write one job folder."""
@@ -266,6 +302,11 @@ def stop_orphan(work_dir: Path, say: Callable[[str], None]) -> None:
     if pid is None:
         pid_path(work_dir).unlink(missing_ok=True)
         return
+    owner = _owner(work_dir)
+    if owner is not None:
+        # Its quantkit is alive (one that took no work-folder lock, e.g. the core called directly):
+        # not an orphan, and not ours to stop.
+        raise WorkFolderBusy(work_dir, owner, f"a quantkit whose converter (PID {pid}) is writing this job folder")
     say(f"a converter left running by an earlier quantkit (PID {pid}) is writing {work_dir}: stopping it before resuming")
     for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):
         try:
@@ -299,10 +340,15 @@ def redo_if_corrupt(job: Job, say: Callable[[str], None]) -> bool:
 
 
 class Converter:
-    """Runs one job at a time. `on_line` sees every classified console line (status events included)."""
+    """Runs one job at a time. `on_line` sees every classified console line (status events included).
 
-    def __init__(self, command: list[str] | None = None) -> None:
+    `env` is laid over the environment of each converter process: quantkit.parallel pins one GPU per
+    conversion with `{"CUDA_VISIBLE_DEVICES": "<id>"}` (exllamav2 then sees it as cuda:0).
+    """
+
+    def __init__(self, command: list[str] | None = None, *, env: dict[str, str] | None = None) -> None:
         self.command = command or converter_command()
+        self.env = dict(env or {})
         self._proc: subprocess.Popen[str] | None = None
         self._cancelled = threading.Event()
 
@@ -346,7 +392,7 @@ class Converter:
         redo_if_corrupt(job, say)
         check_resumable(job)
         argv = self.argv(job)
-        env = runtime.exllamav2_env() | {"PYTHONUNBUFFERED": "1"}
+        env = runtime.exllamav2_env() | self.env | {"PYTHONUNBUFFERED": "1"}
         notice = runtime.notice_once()
         if notice is not None and on_line is not None:
             on_line(LogLine(kind="warning", text=notice))

@@ -25,7 +25,7 @@ from quantkit.publish.target import RemoteFile, RetryableError, Target
 from quantkit.workfolder import (
     MEASUREMENT,
     PROVENANCE,
-    RECIPE,
+    SETTINGS,
     PublishRecord,
     StateRecord,
     converted_branches,
@@ -38,8 +38,8 @@ from quantkit.workfolder import (
 
 COMMIT_PREFIX = "quantkit"  # every commit quantkit makes starts with it: how it knows its own files
 CARD_NAME = "README.md"
-# the recipe and provenance travel with the measurement; the evaluation's figures and chart once made
-MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE, evaluation.REPORT_NAME, evaluation.CHART_NAME)
+# the settings and provenance travel with the measurement; the evaluation's figures and chart once made
+MAIN_FILES = (MEASUREMENT, PROVENANCE, SETTINGS, evaluation.REPORT_NAME, evaluation.CHART_NAME)
 MAX_ATTEMPTS = 6
 
 
