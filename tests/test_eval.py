@@ -248,6 +248,9 @@ def test_bad_input_is_one_line(run_work, tmp_path, real_converter):
         assert r.exit_code == 1, r.output
         line = r.output.strip().splitlines()[-1]
         assert line.startswith("error: ") and needle in line and remedy in line and "Traceback" not in r.output
-    r = invoke("eval", work, "--source", same, "--rows", "1", "--length", "64", "--allow-overlap", "--branch", "8_0")
-    assert r.exit_code == 0, r.output
+    # --allow-overlap goes on, with a warning (the worker is stubbed out: only getting past the check counts)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(core.WORKER_ENV, f"{sys.executable} -c 'raise SystemExit(3)'")
+        r = invoke("eval", work, "--source", same, "--rows", "1", "--length", "64", "--allow-overlap", "--branch", "8_0")
     assert "warning:" in r.output and "flatter the quants" in r.output
+    assert "reference logits could not be computed" in r.output and "exited with status 3" in r.output
