@@ -371,7 +371,7 @@ def published_records(work: Path) -> dict[str, Path]:
     records: dict[str, Record] = {}
     if settings is not None:
         name = published_name(settings.settings.model, settings.model_dir)
-        records[RECIPE] = settings.model_copy(update={"settings": settings.settings.model_copy(update={"model": name}),
+        records[SETTINGS] = settings.model_copy(update={"settings": settings.settings.model_copy(update={"model": name}),
                                                       "model_dir": None})
     if prov is not None:
         ref = settings.settings.model if settings is not None else prov.model_ref
