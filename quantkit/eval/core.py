@@ -222,6 +222,7 @@ class Evaluation:
         done = self._ref_done()
         if done is not None:
             return done
+        (self.dir / "reference.json").unlink(missing_ok=True)  # stale: a result file says the task finished
         task = {"name": REFERENCE, "kind": REFERENCE, "folder": str(self.source_dir), "key": self._key(),
                 "mode": self.spec.reference, "top_k": self.spec.top_k, "needs": _needs(self.source_dir, self.spec.length),
                 "out": str(self.dir / "reference.json")}
