@@ -41,9 +41,11 @@ from quantkit.exl2 import converter as conv
 from quantkit.exl2 import finalize as fin
 from quantkit.exl2 import measurement as meas
 from quantkit.exl2.resources import StepNeeds, adapt_needs, convert_needs, measure_needs
+from quantkit.exl2.job import JOB_FILE
 from quantkit.exl2.status import LogLine
 from quantkit.files import read_json, write_json_atomic
 from quantkit.model import Model, load_model
+from quantkit.source import SourceRecord, identify
 from quantkit.workfolder import update_state
 
 Status = Literal["pending", "running", "done", "failed"]
@@ -63,6 +65,14 @@ class Settings(BaseModel):
     measurement_rows: int = 16  # measurement pass (-mr)
     length: int = 2048  # tokens per row, both passes (-l, -ml)
     branches: list[Branch] = Field(default_factory=list)
+    base_model: str | None = None  # the source's Hub id for the card, when `model` is a folder that does not say
+
+    @field_validator("base_model")
+    @classmethod
+    def _hub_id(cls, v: str | None) -> str | None:
+        from quantkit.source import check_hub_id
+
+        return None if v is None else check_hub_id(v, option="base_model")
 
     @field_validator("rows", "measurement_rows", "length")
     @classmethod
@@ -152,8 +162,10 @@ class Pipeline:
     """One model in one work folder. `converter` is the seam (tests pass one pointed at the double)."""
 
     def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
-                 listener: Listener | None = None, model: Model | None = None) -> None:
+                 listener: Listener | None = None, model: Model | None = None, keep_temp: bool = False) -> None:
         self.settings = settings
+        #: Keep the converter's scratch (out_tensor, calibration states) after a step is finished and verified.
+        self.keep_temp = keep_temp
         self.work = Work(work)
         self.converter = converter or conv.Converter()
         self.listener = listener
@@ -213,7 +225,15 @@ class Pipeline:
             merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
             new = new.model_copy(update={"branches": list(merged.values())})
         write_json_atomic(self.work.recipe, {"settings": new.model_dump(mode="json"), "model_fingerprint": self.fingerprint,
-                                             "model_dir": str(self.model_dir), "quantkit_version": __version__})
+                                             "model_dir": str(self.model_dir), "quantkit_version": __version__,
+                                             "source": self.source().model_dump(mode="json")})
+
+    def source(self) -> SourceRecord:
+        """The source as the work folder records it: absolute path, Hub id and revision when known."""
+        found = identify(self.settings.model, self.model_dir)
+        if self.settings.base_model is not None:
+            found = found.model_copy(update={"hub_id": self.settings.base_model, "how": None})
+        return found
 
     def _done_branches(self) -> list[str]:
         return [k for k, v in self.state.steps.items() if k.startswith("convert:") and v.status != "pending"]
@@ -332,12 +352,13 @@ class Pipeline:
         """The one measurement pass (`-om`), resumed when its job folder survives."""
         s = self.settings
         cal = self.calibration_set()
+        job = conv.MeasureJob(model_dir=self.input_dir, work_dir=self.work.measure, measurement=self.work.measurement,
+                              calibration=cal.parquet, rows=s.measurement_rows, length=s.length)
         if self.state.done("measure") and self.work.provenance.is_file():
             prov = meas.read_provenance(self.work.measurement)
             meas.check_provenance(self.work.measurement, prov, fingerprint=self.fingerprint)
+            self.remove_scratch(job)
             return prov
-        job = conv.MeasureJob(model_dir=self.input_dir, work_dir=self.work.measure, measurement=self.work.measurement,
-                              calibration=cal.parquet, rows=s.measurement_rows, length=s.length)
         if not conv.is_finished(job):
             conv.preflight()
             self.check_disk([measure_needs(self.model, rows=s.measurement_rows, length=s.length)])
@@ -357,7 +378,25 @@ class Pipeline:
                                     adapter=self.adapter_record())
         write_json_atomic(self.work.provenance, prov.model_dump())
         self.state.mark("measure", "done", sha256=prov.measurement_sha256)
+        self.remove_scratch(job)
         return prov
+
+    def remove_scratch(self, job: conv.Job) -> list[str]:
+        """Delete a finished job's scratch in its -o folder (out_tensor, calibration and hidden states:
+        several times the branch's size on a real model) once its outputs are verified; its job file
+        stays, so a rerun still finds the step finished. Nothing when `keep_temp`. Returns what went."""
+        if self.keep_temp or not conv.is_finished(job):
+            return []
+        removed = []
+        for p in sorted(job.work_dir.iterdir()):
+            if p.name in (JOB_FILE, conv.LOG_NAME):  # small, and what says the step finished / how it went
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+        return removed
 
     def analysis(self) -> tuple[meas.Measurement, meas.BitRange, meas.Provenance]:
         """The recorded measurement, checked against this model, and the bitrates it reaches.
@@ -391,6 +430,7 @@ class Pipeline:
                               output_dir=out, bits=branch.bits, head_bits=branch.head_bits, calibration=cal.parquet,
                               rows=s.rows, length=s.length)
         if self.state.done(step) and conv.is_finished(job) and (out / fin.PROVENANCE_NAME).is_file():
+            self.remove_scratch(job)  # a run killed between finishing and cleaning up
             return BranchResult(branch=branch.name, folder=out, provenance=read_json(out / fin.PROVENANCE_NAME), converter_seconds=0.0, skipped=True)
         if not conv.is_finished(job):
             conv.preflight()
@@ -417,4 +457,5 @@ class Pipeline:
         }
         written = fin.finalize(out, record)
         self.state.mark(step, "done", achieved_decoder_bpw=record["achieved_decoder_bpw"])
+        self.remove_scratch(job)
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)

@@ -10,8 +10,10 @@ A recipe:
     length = 2048
     branches = "default"             # or a branch-set file, or inline [[branch]] tables
 
-    [publish]                        # optional: without it, or without a token, into WORK/hub-repo
-    repo = "alice/Llama-3-8B-exl2"   # the Hub repo; private = true to create it private
+    base_model = "org/model"         # optional: the source's Hub id, when `model` is a folder that does not say
+
+    [publish]                        # optional: without it the run converts and publishes nothing
+    repo = "alice/Llama-3-8B-exl2"   # the Hub repo (needs a token); private = true to create it private
     # to = "exl2-repo"               # or a local git repository (relative to the recipe)
 """
 
@@ -41,7 +43,11 @@ class RunRecipe(BaseModel):
 
     settings: Settings
     work: Path | None
-    publish: PublishOptions = PublishOptions()
+    publish: PublishOptions | None = None  # None: the recipe has no [publish] table
+
+
+#: What a recipe's [publish] table may set; the other PublishOptions are the command's flags.
+PUBLISH_KEYS = ("repo", "private", "to", "prompt_format")
 
 
 def load_run_recipe(path: Path) -> RunRecipe:
@@ -66,7 +72,7 @@ def load_run_recipe(path: Path) -> RunRecipe:
         except (TypeError, ValidationError) as exc:
             raise RecipeUnreadable(path, f"bad branches ({str(exc).splitlines()[0]})") from exc
     work = data.pop("work", None)
-    publish = _publish_spec(path, data.pop("publish", {}))
+    publish = _publish_spec(path, data.pop("publish")) if "publish" in data else None
     model = data["model"]
     if not Path(model).is_absolute() and (path.parent / model).is_dir():
         data["model"] = str((path.parent / model).resolve())
@@ -80,6 +86,9 @@ def load_run_recipe(path: Path) -> RunRecipe:
 def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if not isinstance(raw, dict):
         raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
+    unknown = sorted(set(raw) - set(PUBLISH_KEYS))
+    if unknown:
+        raise RecipeUnreadable(path, f"bad [publish] ({unknown[0]}: not a [publish] key; use {', '.join(PUBLISH_KEYS)})")
     try:
         spec = PublishOptions(**raw)
     except ValidationError as exc:
@@ -87,6 +96,17 @@ def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if spec.to is not None and not spec.to.is_absolute():
         spec = spec.model_copy(update={"to": path.parent / spec.to})
     return spec
+
+
+def publish_options(recipe: PublishOptions | None, *, repo: str | None = None, to: Path | None = None, private: bool = False,
+                    force: bool = False, base_model: str | None = None, no_base_model: bool = False) -> PublishOptions | None:
+    """The recipe's [publish] table with the command's flags over it; None when neither names a Hub
+    repo or a local repository (the run then publishes nothing)."""
+    options = recipe or PublishOptions()
+    update: dict[str, Any] = {k: v for k, v in {"repo": repo, "to": to, "base_model": base_model}.items() if v is not None}
+    update |= {k: True for k, v in {"private": private, "force": force, "no_base_model": no_base_model}.items() if v}
+    options = options.model_copy(update=update)
+    return options if options.repo is not None or options.to is not None else None
 
 
 class DryStep(BaseModel):
@@ -112,7 +132,7 @@ class DryRun(BaseModel):
 
 def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates, and
-    where it publishes (`publish`: the recipe's [publish] table; none names the local WORK/hub-repo)."""
+    where it publishes (`publish`: the recipe's [publish] table with the command's flags; None: nowhere)."""
     s = p.settings
     m: Model = p.model
     steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None)]
@@ -126,10 +146,17 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
         steps.append(DryStep(step=convert_step(b.name), status=p.state.get(convert_step(b.name)).status,
                              needs=convert_needs(m, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length),
                              inference_vram_bytes=infer.get(b.name)))
-    publish = publish or PublishOptions()
-    choice = choose_target(p.work.root, repo=publish.repo, to=publish.to, private=publish.private)
-    for name in ["main"] + [b.name for b in s.branches]:
-        steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, choice.target.id), needs=None))
+    target, warnings = "nowhere: the recipe has no publish table (add [publish], or pass --repo / --to)", []
+    if publish is not None:
+        try:
+            choice = choose_target(publish)
+        except QuantkitError as exc:  # said, not raised: the plan is still worth seeing
+            target, warnings = f"{publish.repo or publish.to}", [f"a real run stops before converting: {exc}"]
+        else:
+            target, warnings = choice.target.id, choice.warnings
+            names = [b.name for b in s.branches]
+            for name in names[:1] + ["main"] + names[1:]:  # main goes out with the first branch, never before
+                steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, target), needs=None))
     reachable = None
     unreachable: list[str] = []
     note = "reachable bitrates are known once the measurement exists"
@@ -141,7 +168,7 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     except QuantkitError:
         pass
     return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note,
-                  publish_target=choice.target.id, publish_warnings=choice.warnings)
+                  publish_target=target, publish_warnings=warnings)
 
 
 def _published_status(work: Path, branch: str, target_id: str) -> str:

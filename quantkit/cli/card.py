@@ -8,6 +8,7 @@ import click
 
 from quantkit.card import card_spec, parse_card, render_card
 from quantkit.cli.output import Output
+from quantkit.source import check_hub_id
 
 
 @click.command()
@@ -31,6 +32,8 @@ def card(ref: str, repo: str | None, output: Path | None, prompt_fmt: str | None
       quantkit card work/rocket --prompt-format chatml --cache q4
     """
     out = Output()
+    if base_model is not None:
+        check_hub_id(base_model)
     spec = card_spec(ref, repo=repo, override_format=prompt_fmt, cache=cache, base_model=base_model,
                      include_source_card=not no_source_card)
     for note in spec.notes:
