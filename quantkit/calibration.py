@@ -30,10 +30,11 @@ from quantkit.errors import (
     InvalidCount,
     NotEnoughText,
     NoTextColumn,
+    OutputPathInvalid,
     TokenizerMissing,
     UnknownCalibration,
 )
-from quantkit.files import write_json_atomic
+from quantkit.files import check_folder_path, write_bytes_atomic, write_json_atomic
 
 Format = Literal["auto", "parquet", "jsonl", "csv", "text", "dataset"]
 PARQUET_NAME = "calibration.parquet"
@@ -247,11 +248,24 @@ def render_chat(template: str, messages: list[dict[str, str]], tokens: dict[str,
         raise CalibrationUnreadable("chat template", f"it fails to render a conversation ({exc})") from exc
 
 
-def to_messages(value: Any) -> list[dict[str, str]]:
+def to_messages(value: Any, *, source: str = "calibration source") -> list[dict[str, str]]:
+    """Chat turns from a messages cell: a list of {role, content} or ShareGPT {from, value}, or that as a
+    JSON string.
+
+    Raises:
+        CalibrationUnreadable: the cell is not chat turns.
+    """
     if isinstance(value, str):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise CalibrationUnreadable(source, f"a messages cell is not JSON chat turns ({value[:40]!r})") from None
+    if value is not None and not isinstance(value, list):
+        raise CalibrationUnreadable(source, f"a messages cell is a {type(value).__name__}, not a list of chat turns")
     out = []
     for turn in value or []:
+        if not isinstance(turn, dict):
+            raise CalibrationUnreadable(source, f"a chat turn is a {type(turn).__name__}, not {{role, content}} or {{from, value}}")
         if "role" in turn:
             out.append({"role": str(turn["role"]), "content": str(turn.get("content") or "")})
         else:
@@ -284,7 +298,11 @@ def _tokenizer(model_dir: Path) -> tuple[Any, str]:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise TokenizerMissing(model_dir, "tokenizer.json")
-    return Tokenizer.from_file(str(path)), hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a corrupt file
+        raise ConfigUnreadable(path, f"not a tokenizer ({str(exc).splitlines()[0][:120]})") from exc
+    return tokenizer, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def build(recipe: CalibrationRecipe, base: Path, model_dir: Path, out_dir: Path) -> CalibrationSet:
@@ -296,6 +314,7 @@ def build(recipe: CalibrationRecipe, base: Path, model_dir: Path, out_dir: Path)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    check_folder_path(out_dir)
     tokenizer, tok_sha = _tokenizer(model_dir)
     ds, fmt = load_source(recipe, base)
     if len(ds) == 0:
@@ -308,7 +327,7 @@ def build(recipe: CalibrationRecipe, base: Path, model_dir: Path, out_dir: Path)
     # A seeded permutation of the documents: the same recipe and source give the same set.
     for row in ds.shuffle(seed=recipe.seed):
         value = row[column]
-        text = render_chat(template, to_messages(value), specials) if chat else ("" if value is None else str(value))
+        text = render_chat(template, to_messages(value, source=recipe.source or "calibration source"), specials) if chat else ("" if value is None else str(value))
         if not text.strip():
             continue
         texts.append(text)
@@ -319,11 +338,13 @@ def build(recipe: CalibrationRecipe, base: Path, model_dir: Path, out_dir: Path)
             break
     if tokens < need:
         raise NotEnoughText(recipe.source, tokens, recipe.rows, recipe.length)
-    out_dir.mkdir(parents=True, exist_ok=True)
     parquet = out_dir / PARQUET_NAME
-    tmp = parquet.with_suffix(".parquet.tmp")
-    pq.write_table(pa.table({"text": texts}), tmp)
-    tmp.replace(parquet)
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": texts}), buf)
+    try:
+        write_bytes_atomic(parquet, buf.getvalue().to_pybytes())
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise OutputPathInvalid(out_dir, "a file is in the way of this folder") from exc
     manifest = Manifest(
         name=recipe.name, source=recipe.source, format=fmt, split=recipe.split, seed=recipe.seed, rows=recipe.rows,
         length=recipe.length, column=column, chat_template=chat, samples=len(texts), tokens=tokens,

@@ -23,8 +23,15 @@ from quantkit.prompt_format import PromptFormat, prompt_format
 from quantkit.source import identify, read_source
 from quantkit.tables import cache_statement, markdown_table
 from quantkit.vram import CacheMode
-from quantkit.workfolder import BRANCH_PROVENANCE, PROVENANCE, RECIPE, is_work_folder, pick, read_json, source_model
-from quantkit.workfolder import converted_branches
+from quantkit.workfolder import (
+    MEASUREMENT,
+    converted_branches,
+    is_work_folder,
+    read_branch_provenance,
+    read_provenance,
+    read_settings,
+    source_model,
+)
 
 CONTEXTS = (4096, 8192, 16384, 32768)
 QUANTKIT_TAGS = ("exl2", "exllamav2", "quantized")
@@ -109,65 +116,43 @@ def _source_readme(folder: Path | None, hub_id: str | None, notes: list[str]) ->
 
 
 def _calibration(work: Path | None) -> str:
-    if work is None:
-        return "not measured yet"
-    prov = read_json(work / PROVENANCE)
-    recipe = read_json(work / RECIPE)
-    cal = pick(prov, "calibration") or pick(recipe, "calibration")
-    if isinstance(cal, dict):
-        name = pick(cal, "name", "dataset", "id", "source", "path", default="unnamed")
-        sha = pick(cal, "sha256", "manifest_sha256")
-    else:
-        name, sha = cal, pick(prov, "calibration_sha256", "calibration_manifest_sha256")
-    if not name:
-        return "not measured yet" if not (work / "measurement.json").is_file() else "not recorded"
-    rows = pick(prov, "rows", "calibration.rows") or pick(recipe, "rows", "calibration.rows")
-    length = pick(prov, "length", "calibration.length") or pick(recipe, "length", "calibration.length")
-    text = str(name)
-    if rows and length:
-        text += f" ({rows} rows of {length} tokens)"
-    if sha:
-        text += f", manifest sha256 `{str(sha)[:12]}`"
-    return text
+    """The calibration the measurement was made with, as its provenance records it."""
+    prov = read_provenance(work) if work is not None else None
+    if prov is None:
+        return "not measured yet" if work is None or not (work / MEASUREMENT).is_file() else "not recorded"
+    return f"{prov.calibration} ({prov.rows} rows of {prov.length} tokens), manifest sha256 `{prov.calibration_sha256[:12]}`"
 
 
 def _recipe_branches(work: Path | None) -> list[Branch]:
+    """The branches the work folder's settings name, else the default set."""
     defaults = {b.name: b for b in default_branches()}
-    # the pipeline writes {"settings": {"branches": [...]}}
-    raw = pick(read_json(work / RECIPE), "branches", "settings.branches") if work is not None else None
-    if not isinstance(raw, list) or not raw:
+    recorded = read_settings(work) if work is not None else None
+    if recorded is None or not recorded.settings.branches:
         return list(defaults.values())
-    out = []
-    for b in raw:
-        if isinstance(b, dict) and "bits" in b:
-            from quantkit.units import branch_name
-
-            name = b.get("name") or branch_name(float(b["bits"]))
-            desc = b.get("description") or (defaults[name].description if name in defaults else "")
-            out.append(Branch(name=name, bits=float(b["bits"]), head_bits=int(b.get("head_bits", 8)), description=desc))
-    return out or list(defaults.values())
+    return [b if b.description or b.name not in defaults else b.model_copy(update={"description": defaults[b.name].description})
+            for b in recorded.settings.branches]
 
 
 def _converted_plan(work: Path, names: list[str], planned: dict[str, Branch], cache: CacheMode) -> tuple[Plan, dict[str, int]]:
     """One plan over every converted branch, each sized from its own safetensors headers."""
     rows, sizes, descriptions, warnings = [], {}, {}, []
-    ram, weights_from = 0, "safetensors headers"
+    ram, weights_from, native = 0, "safetensors headers", 0
     for name in names:
         folder = work / "out" / name
         model = load_model(folder)
-        qk = read_json(folder / BRANCH_PROVENANCE)
-        qc = model.config.get("quantization_config") or {}
-        bits = float(pick(qk, "bits", default=None) or pick(qc, "bits", default=None) or planned.get(name, _nobranch()).bits)
-        head = int(pick(qk, "head_bits", default=None) or pick(qc, "head_bits", default=None) or planned.get(name, _nobranch()).head_bits)
+        qk = read_branch_provenance(folder)
+        qc = model.config.get("quantization_config") or {}  # exllamav2's own record, when quantkit.json is absent
+        bits = float(qk.bits if qk else qc.get("bits") or planned.get(name, _nobranch()).bits)
+        head = int(qk.head_bits if qk else qc.get("head_bits") or planned.get(name, _nobranch()).head_bits)
         br = Branch(name=name, bits=bits, head_bits=head, description=planned[name].description if name in planned else "")
         plan = make_plan(model, [br], list(CONTEXTS), [cache])
         rows += plan.rows
-        ram, weights_from = plan.embeddings_ram_bytes, plan.weights_from
+        ram, weights_from, native = plan.embeddings_ram_bytes, plan.weights_from, plan.native_context
         warnings += [w for w in plan.warnings if w not in warnings]
         descriptions[name] = br.description
         sizes[name] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     return Plan(model=str(work), rows=rows, embeddings_ram_bytes=ram, weights_from=f"{weights_from} of each branch",
-                warnings=warnings, descriptions=descriptions), sizes
+                warnings=warnings, descriptions=descriptions, native_context=native), sizes
 
 
 def _nobranch() -> Branch:
@@ -235,11 +220,10 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
 
     src = _source_readme(folder, hub_id, notes)
     data = src.data if src is not None and src.data is not None else ModelCardData()
-    prov = read_json(work / PROVENANCE) if work is not None else {}
-    version = str(pick(prov, "exllamav2_version", "exllamav2.version", "exllamav2", default=EXLLAMAV2_VERSION))
-    recorded = pick(prov, "adapter.summary", "adapter", default=None)
-    if adapter is None and isinstance(recorded, str):
-        adapter = recorded
+    prov = read_provenance(work) if work is not None else None
+    version = prov.exllamav2_version if prov is not None else EXLLAMAV2_VERSION
+    if adapter is None and prov is not None and prov.adapter is not None:
+        adapter = prov.adapter.summary
     if adapter is not None:
         notes.append(f"architecture adapter: {adapter}")
     return CardSpec(

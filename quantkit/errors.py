@@ -92,6 +92,22 @@ class InvalidSize(OptionError):
     value: str
 
 
+class UnknownLoader(OptionError):
+    """A way of loading the model the planner does not model."""
+
+    summary = "loader {value!r}"
+    value: str
+    known: list[str]
+
+
+class InvalidHeadroom(OptionError):
+    """A --headroom that does not parse or leaves nothing of the card."""
+
+    summary = "headroom {value!r}: {reason}"
+    value: str
+    reason: str
+
+
 class InvalidCount(OptionError):
     """A count (rows, length, ...) that is not a positive whole number."""
 
@@ -122,6 +138,67 @@ class MissingExtra(OptionError):
     summary = "{package} is needed to {purpose}"
     package: str
     purpose: str
+
+
+class InvalidBranchName(OptionError):
+    """A branch name that is unsafe as a folder under WORK or as a Hub/git branch."""
+
+    summary = "branch name {name!r}"
+    name: str
+    source: str | None = None  # the recipe or branch-set file that named it; None for flags
+
+
+class DuplicateBranchName(OptionError):
+    """Two branches with one name would share one folder and one Hub branch."""
+
+    summary = "branch name {name!r} given twice"
+    name: str
+    source: str | None = None
+
+
+class RecipeUnknownKey(OptionError):
+    """A key no reader knows: a typo would otherwise be ignored (`head_bit = 6`)."""
+
+    summary = "{path}: unknown key {key!r} in {table}"
+    path: Path
+    key: str
+    table: str
+    known: list[str]
+
+
+class PathOverlapsModel(OptionError):
+    """A path quantkit would write is the source model folder, lies inside it, or holds it."""
+
+    summary = "{what} {path} overlaps the model folder {model_dir}"
+    what: str
+    path: Path
+    model_dir: Path
+
+
+class PathOverlapsWork(OptionError):
+    """A path given for something else is the work folder, or a folder quantkit fills inside it."""
+
+    summary = "{what} {path} overlaps the work folder {work}"
+    what: str
+    path: Path
+    work: Path
+
+
+class PathLeavesWork(OptionError):
+    """A folder quantkit fills under WORK resolves outside it (a symlink on the way)."""
+
+    summary = "{what} {path} is outside the work folder {work}"
+    what: str
+    path: Path
+    work: Path
+
+
+class OutputPathInvalid(OptionError):
+    """An output path that cannot be written: a file on its way, or a folder in its place."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
 
 
 # ---- model and architectures: config.json, safetensors, the Hub, the adapters -------------------------
@@ -212,6 +289,34 @@ class HubRepoNotFound(ModelError):
     summary = "{repo_id}: not found on the Hub {detail}"
     repo_id: str
     detail: str = ""
+
+
+class InvalidModelShape(ModelError):
+    """A config.json field no real model has (0 layers, a 10^12 vocabulary, heads that do not divide)."""
+
+    summary = "{arch}: {field} = {value!r}: {reason}"
+    arch: str
+    field: str
+    value: object
+    reason: str
+
+
+class HubRevisionNotFound(ModelError):
+    """A Hub repo has no such branch, tag or commit."""
+
+    summary = "{repo_id}: no branch or revision {revision!r}"
+    repo_id: str
+    revision: str
+    known: list[str]
+
+
+class NotExl2Branch(ModelError):
+    """USER/REPO:BRANCH names a branch holding no converted EXL2 model."""
+
+    summary = "{repo_id}:{revision}: {reason}"
+    repo_id: str
+    revision: str
+    reason: str
 
 
 class CorruptSafetensors(ModelError):
@@ -382,6 +487,23 @@ class WorkFolderMismatch(WorkFolderError):
     model: str
 
 
+class WorkFolderIncompatible(WorkFolderError):
+    """A work folder file of another format version than this quantkit reads."""
+
+    summary = "{path}: format {found}, this quantkit reads format {supported}"
+    path: Path
+    found: object
+    supported: int
+
+
+class WorkFolderCorrupt(WorkFolderError):
+    """A work folder file that is not the record quantkit writes there."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
 class WorkFolderIncomplete(WorkFolderError):
     """A step needs a file an earlier step has not written yet."""
 
@@ -416,6 +538,23 @@ class DiskTooSmall(WorkFolderError):
     free: int
 
 
+class WorkFolderBusy(WorkFolderError):
+    """Another process holds the work folder's lock."""
+
+    summary = "{work} is in use by PID {pid}: {command}"
+    work: Path
+    pid: int | None
+    command: str | None
+
+
+class WorkFolderNotWritable(WorkFolderError):
+    """The work folder (or a file in it) cannot be written."""
+
+    summary = "{path}: {reason}"
+    path: Path
+    reason: str
+
+
 # ---- publish: the card, the Hub and local git targets ---------------------------------------------
 
 
@@ -430,13 +569,6 @@ class InvalidRepoId(PublishError):
     repo_id: str
     reason: str
     option: str = "--repo"  # the option or recipe key that named it
-
-
-class InvalidBranchName(PublishError):
-    """A branch name the Hub would refuse."""
-
-    summary = "branch name {name!r}"
-    name: str
 
 
 class CardInvalid(PublishError):

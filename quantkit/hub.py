@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 from huggingface_hub import HfApi, constants
@@ -32,6 +33,15 @@ def ensure_reachable(repo_id: str, *, timeout: float = 3.0) -> None:
             pass
     except OSError as exc:
         raise HubOffline(repo_id) from exc
+
+
+def cached_file(repo_id: str, filename: str, *, revision: str | None = None) -> Path | None:
+    """A file of `repo_id` at `revision` (a branch, tag or commit) already in the local Hugging Face cache,
+    or None. No network: this is what an offline planner reads."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
 
 
 def token() -> str | None:

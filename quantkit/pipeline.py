@@ -1,16 +1,6 @@
 """The work folder and its steps: calibration -> measurement -> one conversion per bitrate -> publish.
 
-Layout (shared with card and publish):
-  WORK/recipe.json                   the frozen settings (`Settings`) plus the model fingerprint
-  WORK/state.json                    one record per step: pending | running | done | failed
-  WORK/calibration/                  calibration.parquet + manifest.json
-  WORK/adapted/                      the architecture adapter's working copy, when exllamav2 lacks the
-                                     model's architecture: the converter's -i; never the user's folder
-  WORK/measure/                      exllamav2's -o for the measurement (job_new.json kept for resume)
-  WORK/measurement.json              -om: outside any -o
-  WORK/measurement.provenance.json   where it came from
-  WORK/jobs/<branch>/                exllamav2's -o per bitrate (kept: a rerun resumes mid-conversion)
-  WORK/out/<branch>/                 -cf, cleaned for publishing
+The folder's layout and the records kept in it are `quantkit.workfolder`.
 
 Every step is idempotent: a rerun after a kill anywhere finds the finished parts done (state.json,
 job_new.json) and goes on. Settings that would invalidate finished work are locked (`lock`).
@@ -20,16 +10,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict
 
-from quantkit import __version__, calibration
+from quantkit import calibration, guards
 from quantkit.branches import Branch
 from quantkit.errors import (
-    ConfigUnreadable,
     DiskTooSmall,
     MeasurementMissing,
     NotEnoughText,
@@ -40,112 +28,31 @@ from quantkit.errors import (
 from quantkit.exl2 import converter as conv
 from quantkit.exl2 import finalize as fin
 from quantkit.exl2 import measurement as meas
-from quantkit.exl2.resources import StepNeeds, adapt_needs, convert_needs, measure_needs
 from quantkit.exl2.job import JOB_FILE
+from quantkit.exl2.resources import StepNeeds, adapt_needs, convert_needs, measure_needs
 from quantkit.exl2.status import LogLine
-from quantkit.files import read_json, write_json_atomic
 from quantkit.model import Model, load_model
 from quantkit.source import SourceRecord, identify
-from quantkit.workfolder import update_state
+from quantkit.workfolder import (
+    AdapterRecord,
+    BranchCalibration,
+    BranchProvenance,
+    MeasurementProvenance,
+    Settings,
+    SettingsRecord,
+    State,
+    StepState,
+    Work,
+    convert_step,
+    read_branch_provenance,
+    read_settings,
+    write_record,
+)
 
-Status = Literal["pending", "running", "done", "failed"]
+__all__ = ["BranchResult", "Listener", "Pipeline", "Settings", "State", "StepState", "Work", "convert_step"]
+
 #: Called with (step name, console line) for every converter line, and with (step, None) on step start.
 Listener = Callable[[str, LogLine | None], None]
-
-
-class Settings(BaseModel):
-    """The run spec frozen into WORK/recipe.json."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str
-    calibration: str = "default"
-    calibration_source: str | None = None
-    rows: int = 100  # quantization pass (-r)
-    measurement_rows: int = 16  # measurement pass (-mr)
-    length: int = 2048  # tokens per row, both passes (-l, -ml)
-    branches: list[Branch] = Field(default_factory=list)
-    base_model: str | None = None  # the source's Hub id for the card, when `model` is a folder that does not say
-
-    @field_validator("base_model")
-    @classmethod
-    def _hub_id(cls, v: str | None) -> str | None:
-        from quantkit.source import check_hub_id
-
-        return None if v is None else check_hub_id(v, option="base_model")
-
-    @field_validator("rows", "measurement_rows", "length")
-    @classmethod
-    def _positive(cls, v: int, info: Any) -> int:
-        return calibration.check_count(info.field_name, v)
-
-
-class StepState(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    status: Status = "pending"
-    updated: str = ""
-    info: dict[str, Any] = Field(default_factory=dict)
-
-
-class Work:
-    """Paths of one work folder."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.recipe = root / "recipe.json"
-        self.state = root / "state.json"
-        self.calibration = root / "calibration"
-        self.adapted = root / "adapted"
-        self.measure = root / "measure"
-        self.measurement = root / "measurement.json"
-        self.provenance = meas.provenance_path(self.measurement)
-
-    def job(self, branch: str) -> Path:
-        return self.root / "jobs" / branch
-
-    def out(self, branch: str) -> Path:
-        return self.root / "out" / branch
-
-
-class State:
-    """WORK/state.json, rewritten atomically on every change."""
-
-    def __init__(self, work: Work) -> None:
-        self.work = work
-        self.steps: dict[str, StepState] = {}
-        if work.state.is_file():
-            try:
-                raw = read_json(work.state)
-                self.steps = {k: StepState(**v) for k, v in raw.get("steps", {}).items()}
-            except (OSError, ValueError, TypeError) as exc:
-                raise ConfigUnreadable(work.state, f"not a quantkit state file ({exc.__class__.__name__})") from exc
-
-    def get(self, step: str) -> StepState:
-        return self.steps.get(step, StepState())
-
-    def done(self, step: str) -> bool:
-        return self.get(step).status == "done"
-
-    def mark(self, step: str, status: Status, **info: Any) -> None:
-        self.steps[step] = StepState(status=status, updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                     info=self.get(step).info | info)
-        steps = {k: v.model_dump() for k, v in self.steps.items()}
-
-        # Merged under the file lock: the publish worker writes "published" (quantkit.publish) meanwhile.
-        def change(state: dict[str, Any]) -> None:
-            state.update({"version": 1, "quantkit_version": __version__, "steps": steps})
-
-        update_state(self.work.root, change)
-
-    def reset(self, step: str) -> None:
-        if step in self.steps:
-            self.steps[step] = StepState()
-            self.mark(step, "pending")
-
-
-def convert_step(branch: str) -> str:
-    return f"convert:{branch}"
 
 
 class BranchResult(BaseModel):
@@ -153,7 +60,7 @@ class BranchResult(BaseModel):
 
     branch: str
     folder: Path
-    provenance: dict[str, Any]
+    provenance: BranchProvenance
     converter_seconds: float
     skipped: bool
 
@@ -174,6 +81,7 @@ class Pipeline:
             self.model = self._download(self.model)
         assert self.model.path is not None
         self.model_dir: Path = self.model.path
+        guards.check_work_folder(work, self.model_dir)  # before anything reads or writes WORK
         if not any(self.model_dir.glob("*.safetensors")):
             raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
         # Always the user's source model, adapter or not: a rerun on the same source matches its work.
@@ -204,11 +112,11 @@ class Pipeline:
         """
         self.work.root.mkdir(parents=True, exist_ok=True)
         new = self.settings
-        if self.work.recipe.is_file():
-            recorded = read_json(self.work.recipe)
-            if recorded.get("model_fingerprint") != self.fingerprint:
-                raise WorkFolderMismatch(self.work.root, recorded.get("settings", {}).get("model", "another model"), new.model)
-            old = Settings(**recorded["settings"])
+        recorded = read_settings(self.work.root)
+        if recorded is not None:
+            if recorded.model_fingerprint != self.fingerprint:
+                raise WorkFolderMismatch(self.work.root, recorded.settings.model, new.model)
+            old = recorded.settings
             resets: list[str] = []
             for field in ("calibration", "calibration_source", "measurement_rows", "length"):
                 if getattr(old, field) != getattr(new, field) and self.state.get("calibration").status != "pending":
@@ -224,9 +132,8 @@ class Pipeline:
                 self._reset(step)
             merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
             new = new.model_copy(update={"branches": list(merged.values())})
-        write_json_atomic(self.work.recipe, {"settings": new.model_dump(mode="json"), "model_fingerprint": self.fingerprint,
-                                             "model_dir": str(self.model_dir), "quantkit_version": __version__,
-                                             "source": self.source().model_dump(mode="json")})
+        write_record(self.work.recipe, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir),
+                                                      source=self.source()))
 
     def source(self) -> SourceRecord:
         """The source as the work folder records it: absolute path, Hub id and revision when known."""
@@ -295,13 +202,13 @@ class Pipeline:
 
     # ---- the architecture adapter ---------------------------------------------------------------
 
-    def adapter_record(self) -> dict[str, Any] | None:
+    def adapter_record(self) -> AdapterRecord | None:
         """What measurement.provenance.json and each quantkit.json record about the adapter."""
         a = self.adapter
         if a is None:
             return None
-        return {"adapter": a.adapter, "source_arch": a.source_arch, "target_arch": a.target_arch, "status": a.status,
-                "experimental": a.experimental, "exact": a.exact, "summary": a.summary()}
+        return AdapterRecord(adapter=a.adapter, source_arch=a.source_arch, target_arch=a.target_arch, status=a.status,
+                             experimental=a.experimental, exact=a.exact, summary=a.summary())
 
     def adapt_needs(self) -> StepNeeds | None:
         if self.adapter is None:
@@ -329,7 +236,7 @@ class Pipeline:
         from quantkit.archs.adapters import workcopy
 
         dst = self.work.adapted
-        recorded = self.state.get("adapt").info.get("model_fingerprint")
+        recorded = self.state.get("adapt").info.model_fingerprint
         if recorded == self.fingerprint and workcopy.is_current(dst, self.model_dir, self.adapter):
             if not self.state.done("adapt"):
                 self.state.mark("adapt", "done")
@@ -348,7 +255,7 @@ class Pipeline:
         self._input = dst
         return dst
 
-    def measure(self) -> meas.Provenance:
+    def measure(self) -> MeasurementProvenance:
         """The one measurement pass (`-om`), resumed when its job folder survives."""
         s = self.settings
         cal = self.calibration_set()
@@ -376,7 +283,7 @@ class Pipeline:
                                     calibration=cal.manifest.name, calibration_sha256=cal.manifest.sha256,
                                     rows=s.measurement_rows, length=s.length, exllamav2_version=conv.converter_version(),
                                     adapter=self.adapter_record())
-        write_json_atomic(self.work.provenance, prov.model_dump())
+        write_record(self.work.provenance, prov)
         self.state.mark("measure", "done", sha256=prov.measurement_sha256)
         self.remove_scratch(job)
         return prov
@@ -398,7 +305,7 @@ class Pipeline:
             removed.append(p.name)
         return removed
 
-    def analysis(self) -> tuple[meas.Measurement, meas.BitRange, meas.Provenance]:
+    def analysis(self) -> tuple[meas.Measurement, meas.BitRange, MeasurementProvenance]:
         """The recorded measurement, checked against this model, and the bitrates it reaches.
 
         Raises:
@@ -429,9 +336,10 @@ class Pipeline:
         job = conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
                               output_dir=out, bits=branch.bits, head_bits=branch.head_bits, calibration=cal.parquet,
                               rows=s.rows, length=s.length)
-        if self.state.done(step) and conv.is_finished(job) and (out / fin.PROVENANCE_NAME).is_file():
+        done = read_branch_provenance(out) if self.state.done(step) and conv.is_finished(job) else None
+        if done is not None:
             self.remove_scratch(job)  # a run killed between finishing and cleaning up
-            return BranchResult(branch=branch.name, folder=out, provenance=read_json(out / fin.PROVENANCE_NAME), converter_seconds=0.0, skipped=True)
+            return BranchResult(branch=branch.name, folder=out, provenance=done, converter_seconds=0.0, skipped=True)
         if not conv.is_finished(job):
             conv.preflight()
             self.check_disk([convert_needs(self.model, bits=branch.bits, head_bits=branch.head_bits, rows=s.rows, length=s.length)])
@@ -446,16 +354,16 @@ class Pipeline:
         self.converter_seconds += result.seconds
         head_weights = self.model.shape.hidden * self.model.shape.vocab
         achieved = fin.achieved_bits(out, decoder_weights=rng.decoder_weights, head_weights=head_weights)
-        record = {
-            "branch": branch.name, "bits": branch.bits, "head_bits": branch.head_bits,
-            "achieved_decoder_bpw": round(achieved.decoder_bpw, 4), "achieved_head_bpw": round(achieved.head_bpw, 4),
-            "bytes": achieved.bytes, "reachable_bpw": [round(rng.low, 4), round(rng.high, 4)],
-            "measurement_sha256": prov.measurement_sha256, "source_model": s.model, "model_fingerprint": self.fingerprint,
-            "calibration": {"name": cal.manifest.name, "sha256": cal.manifest.sha256, "rows": s.rows, "length": s.length,
-                            "measurement_rows": prov.rows, "measurement_length": prov.length},
-            "exllamav2_version": conv.converter_version(), "quantkit_version": __version__, "adapter": self.adapter_record(),
-        }
-        written = fin.finalize(out, record)
-        self.state.mark(step, "done", achieved_decoder_bpw=record["achieved_decoder_bpw"])
+        record = BranchProvenance(
+            branch=branch.name, bits=branch.bits, head_bits=branch.head_bits,
+            achieved_decoder_bpw=round(achieved.decoder_bpw, 4), achieved_head_bpw=round(achieved.head_bpw, 4),
+            bytes=achieved.bytes, reachable_bpw=(round(rng.low, 4), round(rng.high, 4)),
+            measurement_sha256=prov.measurement_sha256, source_model=s.model, model_fingerprint=self.fingerprint,
+            calibration=BranchCalibration(name=cal.manifest.name, sha256=cal.manifest.sha256, rows=s.rows, length=s.length,
+                                          measurement_rows=prov.rows, measurement_length=prov.length),
+            exllamav2_version=conv.converter_version(), adapter=self.adapter_record(),
+        )
+        written = fin.finalize(out, record, source_dir=self.input_dir)
+        self.state.mark(step, "done", achieved_decoder_bpw=record.achieved_decoder_bpw)
         self.remove_scratch(job)
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)

@@ -8,7 +8,7 @@ A recipe:
     rows = 100                       # quantization pass
     measurement_rows = 16
     length = 2048
-    branches = "default"             # or a branch-set file, or inline [[branch]] tables
+    branches = "default"             # or a branch-set file, or inline [[branch]] tables ([[branches]] too)
 
     base_model = "org/model"         # optional: the source's Hub id, when `model` is a folder that does not say
 
@@ -25,8 +25,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantkit.branches import Branch, default_branches, load_branch_file
-from quantkit.errors import QuantkitError, RecipeUnreadable
+from quantkit import guards
+from quantkit.branches import branches_from_tables, default_branches, load_branch_file
+from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
@@ -60,35 +61,45 @@ def load_run_recipe(path: Path) -> RunRecipe:
         raise RecipeUnreadable(path, f"not valid TOML ({str(exc).splitlines()[0]})") from exc
     if "model" not in data:
         raise RecipeUnreadable(path, "it names no model (model = \"folder or hub id\")")
-    raw = data.pop("branches", "default")
-    data.pop("branch", None) if isinstance(raw, list) else None
+    known = [k for k in Settings.model_fields if k != "branches"] + ["work", "branches", "publish"]
+    for key in data:
+        if key not in known and key != "branch":
+            raise RecipeUnknownKey(path, key, "the recipe", known)
+    if "branch" in data and "branches" in data:
+        raise RecipeUnreadable(path, "it has both `branch` and `branches`: use one ([[branch]] tables, or branches = \"set\")")
+    # [[branch]] is how branches/default.toml and the docs write a table; [[branches]] is read the same.
+    raw = data.pop("branch", None) if "branch" in data else data.pop("branches", "default")
     if raw == "default":
         branches = default_branches()
     elif isinstance(raw, str):
         branches = load_branch_file((path.parent / raw) if not Path(raw).is_absolute() else Path(raw))
+    elif isinstance(raw, list):
+        branches = branches_from_tables(raw, file=path, table="[[branch]]")
     else:
-        try:
-            branches = [Branch(**b) for b in raw]
-        except (TypeError, ValidationError) as exc:
-            raise RecipeUnreadable(path, f"bad branches ({str(exc).splitlines()[0]})") from exc
+        raise RecipeUnreadable(path, "branches must be a branch-set name or file, or [[branch]] tables")
     work = data.pop("work", None)
     publish = _publish_spec(path, data.pop("publish")) if "publish" in data else None
     model = data["model"]
+    if not isinstance(model, str):
+        raise RecipeUnreadable(path, "model must be a string (a folder or a Hub id)")
     if not Path(model).is_absolute() and (path.parent / model).is_dir():
         data["model"] = str((path.parent / model).resolve())
     try:
         settings = Settings(**data, branches=branches)
     except ValidationError as exc:
-        raise RecipeUnreadable(path, f"bad settings ({str(exc).splitlines()[0]}: {exc.errors()[0]['msg']})") from exc
+        first = exc.errors()[0]
+        raise RecipeUnreadable(path, f"bad settings ({'.'.join(str(x) for x in first['loc'])}: {first['msg']})") from exc
+    if work is not None and not isinstance(work, str):
+        raise RecipeUnreadable(path, "work must be a string (a folder)")
     return RunRecipe(settings=settings, work=(path.parent / work) if work else None, publish=publish)
 
 
 def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if not isinstance(raw, dict):
         raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
-    unknown = sorted(set(raw) - set(PUBLISH_KEYS))
-    if unknown:
-        raise RecipeUnreadable(path, f"bad [publish] ({unknown[0]}: not a [publish] key; use {', '.join(PUBLISH_KEYS)})")
+    for key in raw:
+        if key not in PUBLISH_KEYS:
+            raise RecipeUnknownKey(path, key, "[publish]", list(PUBLISH_KEYS))
     try:
         spec = PublishOptions(**raw)
     except ValidationError as exc:
@@ -107,6 +118,17 @@ def publish_options(recipe: PublishOptions | None, *, repo: str | None = None, t
     update |= {k: True for k, v in {"private": private, "force": force, "no_base_model": no_base_model}.items() if v}
     options = options.model_copy(update=update)
     return options if options.repo is not None or options.to is not None else None
+
+
+def check_run_paths(r: RunRecipe, work: Path) -> None:
+    """The recipe's folders against the model folder, before any work: WORK, and [publish] to.
+
+    Raises:
+        PathOverlapsModel.
+    """
+    model_dir = guards.local_model_dir(r.settings.model)
+    guards.check_work_folder(work, model_dir)
+    guards.refuse_overlap(r.publish.to if r.publish is not None else None, model_dir, what="[publish] to")
 
 
 class DryStep(BaseModel):
@@ -175,9 +197,9 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
     record = published(work, branch, target_id)
     if record is None:
         return "pending"
-    if record.get("verified"):
-        return f"done ({str(record.get('commit') or '')[:10]})".replace(" ()", "")
-    return f"failed: {record.get('error', 'unknown')}"
+    if record.verified:
+        return f"done ({(record.commit or '')[:10]})".replace(" ()", "")
+    return f"failed: {record.error or 'unknown'}"
 
 
 def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[BranchResult]:

@@ -13,24 +13,12 @@ from pathlib import Path
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from pydantic import BaseModel, ConfigDict
-
 from quantkit.errors import InvalidRepoId
+from quantkit.workfolder import SourceRecord, read_settings
 
 #: huggingface_hub's cache layout: HF_HUB_CACHE/models--<org>--<name>/snapshots/<commit>/
 _CACHE_SNAPSHOT = re.compile(r"^models--(?P<org>[^/]+?)--(?P<name>[^/]+)$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-class SourceRecord(BaseModel):
-    """The source model as the work folder records it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    path: str | None = None  # the folder the weights were read from, absolute
-    hub_id: str | None = None  # its Hub repo id, when known
-    revision: str | None = None  # the commit it was downloaded at, when known
-    how: str | None = None  # how the Hub id was found when the user did not name it, said on screen
 
 
 def hub_id(ref: str | None) -> str | None:
@@ -96,12 +84,5 @@ def identify(ref: str, folder: Path | None) -> SourceRecord:
 
 def read_source(work: Path) -> SourceRecord | None:
     """The source as WORK/recipe.json records it (`Pipeline.lock` writes it), or None for older folders."""
-    from quantkit.workfolder import RECIPE, read_json
-
-    raw = read_json(work / RECIPE).get("source")
-    if not isinstance(raw, dict):
-        return None
-    try:
-        return SourceRecord.model_validate(raw)
-    except ValueError:
-        return None
+    settings = read_settings(work)
+    return settings.source if settings is not None else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quantkit import EXLLAMAV2_VERSION
-from quantkit.plan import Plan
+from quantkit.plan import BEYOND_MARK, Plan
 from quantkit.units import format_gib
 from quantkit.vram import CacheMode
 
@@ -12,8 +12,17 @@ def context_label(ctx: int) -> str:
     return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
 
 
+
+
+def beyond_footnote(plan: Plan) -> str:
+    native = f"{plan.native_context} tokens" if plan.native_context else "max_position_embeddings"
+    return (f"{BEYOND_MARK} beyond the model's native context ({native}): it needs RoPE scaling "
+            "(exllamav2 scale_alpha_value or scale_pos_emb), and quality degrades there.")
+
+
 def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = None) -> str:
-    """The seed card's "Available sizes" table for one cache mode (GiB, as those cards meant by "GB")."""
+    """The seed card's "Available sizes" table for one cache mode (GiB, as those cards meant by "GB").
+    Cells past the native context carry `BEYOND_MARK` and a footnote under the table."""
     rows = [r for r in plan.rows if r.cache == cache]
     contexts = sorted({r.context for r in rows})
     head = ["Branch", "Bits", "lm_head bits"] + (["Size"] if sizes else []) + [f"VRAM ({context_label(c)})" for c in contexts] + ["Description"]
@@ -25,9 +34,11 @@ def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = Non
         line = [br, f"{first.bits:g}" if first.bits % 1 else f"{first.bits:.1f}", str(first.head_bits)]
         if sizes:
             line.append(format_size(sizes.get(br, 0)))
-        line += [format_gib(cells[c].total_bytes) for c in contexts]
+        line += [format_gib(cells[c].total_bytes) + (f" {BEYOND_MARK}" if cells[c].beyond_native else "") for c in contexts]
         line.append(plan.descriptions.get(br, ""))
         lines.append(" | ".join(line) + " |")
+    if any(r.beyond_native for r in rows):
+        lines += ["", beyond_footnote(plan)]
     return "\n".join(lines)
 
 
@@ -46,3 +57,4 @@ def cache_statement(plan: Plan, cache: str) -> str:
         f"{EXLLAMAV2_VERSION}'s dynamic generator on one GPU, weights from {plan.weights_from}; token embeddings "
         f"use {format_gib(plan.embeddings_ram_bytes)} of system RAM."
     )
+

@@ -14,7 +14,7 @@ from enum import Enum
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.archs import ArchSpec
-from quantkit.errors import InvalidBits, InvalidContext, InvalidHeadBits, UnknownCacheMode
+from quantkit.errors import InvalidBits, InvalidContext, InvalidHeadBits, UnknownCacheMode, UnknownLoader
 from quantkit.model import Model, ModelShape
 
 GiB = 1024**3
@@ -48,6 +48,30 @@ HEAD_OPTIONS: dict[int, tuple[int, tuple[int, ...], tuple[float, ...]]] = {
 #: convert_exl2.py warns "target bitrate {bits} will likely not be attainable" outside [2, 8].
 MIN_BITS = 2.0
 MAX_BITS = 8.0
+
+
+class Loader(str, Enum):
+    """How the model is put on the GPU; the loaders differ only in what they allocate while loading."""
+
+    #: TabbyAPI's way on one GPU: model.load() (set_device_map, then each module's weights), the cache,
+    #: then a prefill-only test forward of one `max_input_len` chunk (model.forward(preprocess_only=True)):
+    #: no logits, so the load peaks no higher than serving does.
+    TABBY = "tabby"
+    #: ExLlamaV2.load_autosplit(cache): the examples' and the GPU proof's way. It holds two reserve tensors
+    #: while loading and test-forwards (1, max_input_len) through every module, the lm_head included.
+    AUTOSPLIT = "autosplit"
+
+
+#: model.py load_autosplit_gen: `reserve_vram = [192 * 1024**2] + ...` for device 0 and
+#: `minimum_reserve_vram = 256 * 1024**2`, both alive until every module is loaded.
+AUTOSPLIT_RESERVE_BYTES = 192 * MiB + 256 * MiB
+
+
+def parse_loader(text: str) -> Loader:
+    try:
+        return Loader(text.strip().lower())
+    except ValueError:
+        raise UnknownLoader(text, [m.value for m in Loader]) from None
 
 
 class CacheMode(str, Enum):
@@ -90,6 +114,8 @@ COMPONENTS = (
     "kv_cache",
     "kv_fp16_buffer",
     "activations",
+    "attention_copies",
+    "load_transient",
     "cuda_context",
 )
 
@@ -106,6 +132,8 @@ class Estimate(BaseModel):
     components: dict[str, int]
     embeddings_ram: int
     measured_weights: bool
+    loader: Loader = Loader.TABBY
+    flash_attn: bool = True
 
     @property
     def total(self) -> int:
@@ -127,9 +155,16 @@ def check_head_bits(head_bits: int) -> int:
     return head_bits
 
 
+#: Contexts beyond this are refused: no model exllamav2 0.3.2 loads has a use for them, and a typo
+#: (10^12) would otherwise be planned as hundreds of thousands of GiB.
+MAX_CONTEXT = 10**7
+
+
 def check_context(context: int) -> int:
     if context <= 0:
         raise InvalidContext(str(context), "must be a positive number of tokens")
+    if context > MAX_CONTEXT:
+        raise InvalidContext(str(context), f"is beyond {MAX_CONTEXT:,} tokens, more than any model exllamav2 loads can use")
     return context
 
 
@@ -235,6 +270,15 @@ def header_weight_bytes(model: Model) -> tuple[int, int, int]:
     return decoder + _group_map_bytes(rows), head, other
 
 
+def achieved_bits(model: Model) -> float:
+    """Bits per decoder weight of a converted model from its headers (every q_* tensor over the weights
+    the optimizer budgets), for a converted model whose config.json does not say its bitrate."""
+    raw = sum(t.nbytes for n, t in model.tensors.items() if ".layers." in n and not n.endswith("embed_tokens.weight"))
+    params = decoder_params(model.shape, model.spec)
+    bits = raw * 8 / params if params else MAX_BITS
+    return round(min(max(bits, MIN_BITS), MAX_BITS), 2)
+
+
 # ---- fixed buffers ----------------------------------------------------------------------------------
 
 
@@ -298,16 +342,45 @@ def kv_cache_bytes(shape: ModelShape, cache: CacheMode, context: int) -> tuple[i
 
 
 def activation_bytes(shape: ModelShape, context: int) -> int:
-    """Transient tensors of the largest forward (a full `max_input_len` prompt chunk), allocated by torch:
-    hidden state and residual (model.py), q/k/v and attention output (attn.py), the flash-attn
-    workspace (attn.py temp_attn_size with eff = sqrt(max_attention_size) / 190) and one row of logits."""
+    """Transient tensors of the largest forward, a full `max_input_len` prompt chunk, as torch allocates them
+    beside the fixed scratch: the hidden state x (model.py forward_chunk), q, k and v
+    (attn.py forward_paged: `torch.empty((batch_size, q_len, num_heads, head_dim))`; forward() likewise)
+    and the attention output, plus one row of fp16 logits for the sampled token (linear.py forward:
+    `torch.empty((rows, out_features), dtype=torch.half)`).
+
+    flash-attn itself allocates only its (heads, q) fp32 softmax statistics. `temp_attn_size()` is not
+    counted: it is a budget `set_device_map` reserves on paper, never a tensor."""
     q = min(MAX_INPUT_LEN, context)
-    hidden = 2 * q * shape.hidden * 2
-    qkv = q * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * 2 + q * shape.heads * shape.head_dim * 2
-    eff = MAX_ATTENTION_SIZE**0.5 / 190
-    attn = 2 * int(min(MAX_ATTENTION_SIZE, context**2) // eff) * shape.heads * 2 + 128
+    x = q * shape.hidden * 2
+    qkv = q * (shape.heads + 2 * shape.kv_heads) * shape.head_dim * 2
+    out = q * shape.heads * shape.head_dim * 2
+    lse = q * shape.heads * 4
     logits = shape.vocab * 2
-    return hidden + qkv + attn + logits
+    return x + qkv + out + lse + logits
+
+
+def attention_copy_bytes(shape: ModelShape, cache: CacheMode, context: int, *, flash_attn: bool) -> int:
+    """Without flash-attn the dynamic generator runs unpaged (generator/dynamic.py: paged mode asserts
+    flash-attn) and attention goes through attn.py `_attn_torch`, whose `repeat_kv` materialises K and V
+    for every query head over the whole cached sequence: 2 x (B, Hq, S, D) fp16, one layer at a time.
+    With Hq == Hkv `repeat_kv` returns its input and nothing is copied. torch's SDPA (lower-right causal
+    bias) is not given a dense mask, so no (q, k) score matrix is added."""
+    if flash_attn or shape.heads == shape.kv_heads:
+        return 0
+    s = cache_seq_len(shape, cache, context)
+    return 2 * MAX_BATCH_SIZE * shape.heads * s * shape.head_dim * 2
+
+
+def load_transient_bytes(shape: ModelShape, context: int, *, loader: Loader) -> int:
+    """What loading holds beyond serving. TabbyAPI's load() + prefill-only test forward: nothing (its
+    forward stops before the lm_head). load_autosplit: the 192 + 256 MiB reserve tensors (model.py
+    load_autosplit_gen) and the lm_head's test-forward logits, (1, max_input_len, vocab) fp16
+    (`last_id_only=False`; linear.py allocates the output), where max_input_len is first capped at
+    max_seq_len."""
+    if loader is Loader.TABBY:
+        return 0
+    rows = min(MAX_INPUT_LEN, context)
+    return AUTOSPLIT_RESERVE_BYTES + rows * shape.vocab * 2
 
 
 def embeddings_ram_bytes(shape: ModelShape) -> int:
@@ -318,14 +391,17 @@ def embeddings_ram_bytes(shape: ModelShape) -> int:
 # ---- the estimate -----------------------------------------------------------------------------------
 
 
-def estimate(model: Model, *, bits: float, head_bits: int, context: int, cache: CacheMode) -> Estimate:
-    """VRAM for one (bits, head bits, context, cache) cell. Uses the real tensor sizes of a converted
-    EXL2 folder when it is one, else `bits x parameters`."""
+def estimate(model: Model, *, bits: float, head_bits: int, context: int, cache: CacheMode,
+             loader: Loader = Loader.TABBY, flash_attn: bool = True) -> Estimate:
+    """Peak VRAM for one (bits, head bits, context, cache) cell under a loader, with or without flash-attn.
+
+    A converted EXL2 model is sized from its real tensor sizes when `bits` is its own bitrate
+    (`Model.exl2_bits`); any other bitrate, or a source model, from `bits x parameters`."""
     check_bits(bits)
     check_head_bits(head_bits)
     check_context(context)
     shape, spec = model.shape, model.spec
-    measured = model.is_exl2 and bool(model.tensors)
+    measured = model.headers_describe(bits)
     if measured:
         decoder, head, other = header_weight_bytes(model)
     else:
@@ -342,10 +418,12 @@ def estimate(model: Model, *, bits: float, head_bits: int, context: int, cache: 
         "kv_cache": cache_b,
         "kv_fp16_buffer": temp_b,
         "activations": activation_bytes(shape, context),
+        "attention_copies": attention_copy_bytes(shape, cache, context, flash_attn=flash_attn),
+        "load_transient": load_transient_bytes(shape, context, loader=loader),
         "cuda_context": CUDA_CONTEXT_BYTES,
     }
     assert tuple(components) == COMPONENTS
     return Estimate(
         bits=bits, head_bits=head_bits, cache=cache, context=context, components=components,
-        embeddings_ram=embeddings_ram_bytes(shape), measured_weights=measured,
+        embeddings_ram=embeddings_ram_bytes(shape), measured_weights=measured, loader=loader, flash_attn=flash_attn,
     )

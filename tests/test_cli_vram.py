@@ -30,7 +30,7 @@ def test_json_is_one_row_per_bits_cache_context(llama3):
     assert data["model"] == "llama3"
     assert len(data["rows"]) == 3 * 2 * 2
     row = data["rows"][0]
-    assert set(row) == {"branch", "bits", "head_bits", "cache", "context", "total_bytes", "components"}
+    assert set(row) == {"branch", "bits", "head_bits", "cache", "context", "total_bytes", "components", "beyond_native", "weights_from"}
     assert row["total_bytes"] == sum(row["components"].values())
     assert {(r["branch"], r["cache"], r["context"]) for r in data["rows"]} == {
         (b, c, x) for b in ("8_0", "6_5", "5_0") for c in ("fp16", "q4") for x in (4096, 8192)}
@@ -59,7 +59,7 @@ def test_gpu_fit_picks_a_branch(llama3):
     # 8_0 + FP16 at 8k is ~9.7 GiB by the estimate; the pick is the highest bitrate that holds 8k.
     by = {(x["branch"], x["cache"]): x["max_context"] for x in fit["rows"]}
     assert by[("5_0", "q4")] >= by[("5_0", "fp16")] >= by[("8_0", "fp16")]
-    assert fit["pick"]["max_context"] >= 8192
+    assert fit["pick"]["context"] == 8192
     assert fit["pick"]["bits"] == max(x["bits"] for x in fit["rows"] if x["max_context"] >= 8192)
 
 
@@ -72,7 +72,8 @@ def test_gpu_too_small(llama3):
 def test_context_beyond_model_max_is_a_warning(llama3):
     r = run("vram", llama3, "--context", "16k", "--format", "json")
     assert r.exit_code == 0
-    assert "beyond llama3's max_position_embeddings (8192)" in r.stderr
+    assert "context 16384 is beyond llama3's native context (8192 tokens)" in r.stderr
+    assert json.loads(r.stdout)["rows"][0]["beyond_native"] is True
 
 
 def test_config_only_folder_and_archs():

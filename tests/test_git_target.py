@@ -13,10 +13,10 @@ from click.testing import CliRunner
 
 from quantkit.cli.main import cli
 from quantkit.errors import ForeignFiles, LocalTargetDirty, LocalTargetNotRepo
-from quantkit.publish import PublishOptions, Publisher, SyncResult, publish_work
-from quantkit.publish import git_target
+from quantkit.publish import PublishOptions, Publisher, SyncResult, git_target, publish_work
 from quantkit.publish.git_target import GitTarget, lfs_available
-from workfolders import make_work
+from quantkit.workfolder import SourceRecord, read_settings, write_record
+from workfolders import branch_provenance, make_work
 
 REPO = "alice/tiny-exl2"
 PLANNED = "These figures are planned"
@@ -125,7 +125,7 @@ def test_rerun_makes_no_commit_and_a_change_makes_one(tmp_path: Path, lfs: bool)
     results = publish(work, GitTarget(repo, lfs=lfs), repo=REPO)
     assert not any(r.committed for r in results)
     assert git(repo, "for-each-ref", "--format=%(refname) %(objectname)") == heads
-    (work / "out" / "8_0" / "quantkit.json").write_text('{"branch": "8_0", "bits": 8.0, "redone": true}')
+    write_record(work / "out" / "8_0" / "quantkit.json", branch_provenance("8_0", 8.0, removed=["README.md"]))
     results = publish(work, GitTarget(repo, lfs=lfs), repo=REPO)
     assert [(r.branch, r.uploaded) for r in results if r.committed] == [("8_0", ["quantkit.json"])]
 
@@ -235,9 +235,8 @@ def test_no_local_path_leaves_the_machine(tmp_path: Path) -> None:
     src.mkdir(parents=True)
     (src / "config.json").write_text(json.dumps({"_name_or_path": str(src), "architectures": ["LlamaForCausalLM"]}))
     work = make_work(tmp_path, source=str(src))
-    recipe = json.loads((work / "recipe.json").read_text())
-    recipe["source"] = {"path": str(src), "hub_id": "acme/my-llama"}
-    (work / "recipe.json").write_text(json.dumps(recipe))
+    recorded = read_settings(work)
+    write_record(work / "recipe.json", recorded.model_copy(update={"source": SourceRecord(path=str(src), hub_id="acme/my-llama")}))
     cfg = json.loads((work / "out" / "6_5" / "config.json").read_text())
     (work / "out" / "6_5" / "config.json").write_text(json.dumps(cfg | {"_name_or_path": str(src)}))
     repo = tmp_path / "pub"
@@ -247,6 +246,6 @@ def test_no_local_path_leaves_the_machine(tmp_path: Path) -> None:
             if name.endswith((".json", ".md")):
                 assert str(tmp_path) not in git(repo, "show", f"{rev}:{name}"), f"{rev}:{name}"
     assert json.loads(git(repo, "show", "6_5:config.json"))["_name_or_path"] == "acme/my-llama"
-    assert json.loads(git(repo, "show", "main:recipe.json"))["model"] == "acme/my-llama"
+    assert json.loads(git(repo, "show", "main:recipe.json"))["settings"]["model"] == "acme/my-llama"
     # The work folder's own files are untouched; the scrubbed copies are beside the card.
     assert json.loads((work / "out" / "6_5" / "config.json").read_text())["_name_or_path"] == str(src)

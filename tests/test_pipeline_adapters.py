@@ -20,7 +20,7 @@ from quantkit.archs import adapters
 from quantkit.archs.adapters import PROVENANCE_FILE
 from quantkit.branches import Branch
 from quantkit.cli.main import cli
-from quantkit.exl2 import finalize as fin
+from quantkit.workfolder import BRANCH_PROVENANCE
 from quantkit.exl2.converter import LOG_NAME
 from quantkit.exl2.job import read_job
 from quantkit.pipeline import Pipeline, Settings
@@ -82,9 +82,9 @@ def test_measure_then_convert_goes_through_the_working_copy(tmp_path, converter_
     # Recorded, in the measurement's provenance and the branch's, the way the card reads it.
     want = {"adapter": case.replace("-", "_"), "source_arch": src_arch, "target_arch": target, "status": "experimental"}
     recorded = json.loads(p.work.provenance.read_text())["adapter"]
-    assert prov.adapter == recorded and {k: recorded[k] for k in want} == want
+    assert prov.adapter is not None and prov.adapter.model_dump() == recorded and {k: recorded[k] for k in want} == want
     assert recorded["experimental"] and "experimental" in recorded["summary"] and target in recorded["summary"]
-    branch = json.loads((result.folder / fin.PROVENANCE_NAME).read_text())
+    branch = json.loads((result.folder / BRANCH_PROVENANCE).read_text())
     assert result.folder == work / "out" / "8_0" and branch["adapter"] == recorded
     assert json.loads((result.folder / "config.json").read_text())["architectures"] == [target]
     # The fingerprint is the user's model's, not the copy's, and the user's folder is untouched.

@@ -22,13 +22,16 @@ from quantkit.errors import (
     NoHubToken,
     PrivateStorageExceeded,
     TokenCannotWrite,
+    WorkFolderCorrupt,
+    WorkFolderIncompatible,
     WorkFolderIncomplete,
 )
 from quantkit.publish import PublishOptions, SyncResult, publish_work
 from quantkit.publish import hub_target as targets
 from quantkit.publish.engine import publish_branch
 from quantkit.publish.hub_target import HubTarget
-from workfolders import make_work
+from quantkit.workfolder import State, Work, write_record
+from workfolders import branch_provenance, make_work
 
 REPO = "alice/tiny-exl2"
 
@@ -105,16 +108,28 @@ def test_second_run_makes_no_commit(tmp_path: Path, fake: FakeHub) -> None:
 
 def test_state_json_keeps_other_keys(tmp_path: Path, fake: FakeHub) -> None:
     work = make_work(tmp_path)
-    (work / "state.json").write_text(json.dumps({"stage": "converted", "branches": {"8_0": "converted"}}))
+    State(Work(work)).mark("convert:8_0", "done", bits=8.0)  # the run's steps, as the pipeline records them
     publish(work, _target(), repo=REPO)
     state = json.loads((work / "state.json").read_text())
-    assert state["stage"] == "converted" and state["branches"] == {"8_0": "converted"} and "published" in state
+    assert state["steps"]["convert:8_0"]["status"] == "done" and state["steps"]["convert:8_0"]["info"]["bits"] == 8.0
+    assert "published" in state
+
+
+def test_state_json_of_another_format_or_schema_is_refused(tmp_path: Path, fake: FakeHub) -> None:
+    work = make_work(tmp_path)
+    (work / "state.json").write_text(json.dumps({"version": 99, "steps": {}}))
+    with pytest.raises(WorkFolderIncompatible) as info:
+        publish(work, _target(), repo=REPO)
+    assert (info.value.found, info.value.supported) == (99, 1)
+    (work / "state.json").write_text(json.dumps({"stage": "converted", "branches": {"8_0": "converted"}}))
+    with pytest.raises(WorkFolderCorrupt, match="stage"):
+        publish(work, _target(), repo=REPO)
 
 
 def test_changed_shard_uploads_only_that_file(tmp_path: Path, fake: FakeHub) -> None:
     work = make_work(tmp_path)
     publish(work, _target(), repo=REPO)
-    (work / "out" / "6_5" / "quantkit.json").write_text('{"branch": "6_5", "bits": 6.5, "redone": true}')
+    write_record(work / "out" / "6_5" / "quantkit.json", branch_provenance("6_5", 6.5, removed=["README.md"]))
     fake.api.reset_mock()  # type: ignore[attr-defined]
     publish(work, _target(), repo=REPO)
     (only,) = fake.api.create_commit.call_args_list  # type: ignore[attr-defined]
@@ -340,7 +355,7 @@ def test_cli_without_a_token_fails_and_writes_nothing(tmp_path: Path, fake: Fake
     assert result.exit_code == 1
     assert result.stderr == (f"error: no Hugging Face token to publish {REPO}: log in with `hf auth login` (or set HF_TOKEN), "
                              "or publish into a local git repository with --to PATH\n")
-    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+    assert sorted(p.relative_to(work) for p in work.rglob("*") if not p.name.startswith(".quantkit.lock")) == before
     fake.api.create_repo.assert_not_called()  # type: ignore[attr-defined]
 
 

@@ -216,7 +216,7 @@ def test_without_a_publish_table_nothing_is_published_and_the_run_says_so(tmp_pa
     r = CliRunner().invoke(cli, ["run", str(path)])
     assert r.exit_code == 0, r.output
     assert "nothing published: add a [publish] table" in r.stderr
-    assert not (tmp_path / "w" / "hub-repo").exists() and "published" not in state(tmp_path / "w")
+    assert not (tmp_path / "w" / "hub-repo").exists() and not state(tmp_path / "w")["published"]
 
 
 def test_scratch_goes_once_a_branch_is_verified_unless_kept(tmp_path, tiny_llama, converter_double):
@@ -294,8 +294,8 @@ def test_done_when_a_run_to_a_local_git_target_clones_with_a_complete_current_ca
 @pytest.mark.parametrize(
     ("table", "needle"),
     [('[publish]\nrepo = "not a repo"', "not a repo"),
-     ('[publish]\nrepository = "a/b"', "bad [publish]"),
-     ('[publish]\nforce = true', "not a [publish] key"),
+     ('[publish]\nrepository = "a/b"', "unknown key 'repository' in [publish]"),
+     ('[publish]\nforce = true', "unknown key 'force' in [publish]"),
      ('base_model = "not/a/model"', "e.g. base_model"),
      ('publish = "a/b"', "publish must be a table")],
 )

@@ -1,14 +1,26 @@
-"""Builders for the card and publish tests: seed model folders and tiny fake work folders (the contract in
-the preamble: WORK/measurement.json, provenance, recipe, out/<branch>/ with safetensors)."""
+"""Builders for the card and publish tests: seed model folders, and tiny converted work folders written
+through quantkit.workfolder's records (the same models the pipeline writes), with tiny shards."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
+
+from quantkit.branches import Branch
+from quantkit.workfolder import (
+    BranchCalibration,
+    BranchProvenance,
+    MeasurementProvenance,
+    Settings,
+    SettingsRecord,
+    Work,
+    write_record,
+)
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MODELS = FIXTURES / "models"
@@ -57,25 +69,30 @@ TINY_LLAMA = {
 }
 
 
+FINGERPRINT = "f1" * 32
+CALIBRATION_SHA256 = "ab" * 32
+
+
 def make_work(tmp_path: Path, *, source: str = "alice/tiny-llama", branches: tuple[str, ...] = ("8_0", "6_5"),
               model_folder: Path | None = None, name: str = "work", config: dict | None = None) -> Path:
     """A converted work folder as the pipeline leaves it, with tiny shards."""
-    work = tmp_path / name
-    (work / "out").mkdir(parents=True)
-    (work / "measurement.json").write_text(json.dumps({"measurement": {"model.layers.0": []}, "last_module_idx": 1}))
-    (work / "measurement.provenance.json").write_text(json.dumps({
-        "source_model": str(model_folder) if model_folder else source, "exllamav2_version": "0.3.2",
-        "calibration": {"name": "default", "sha256": "ab" * 32}, "rows": 100, "length": 2048,
-    }))
-    (work / "recipe.json").write_text(json.dumps({"model": str(model_folder) if model_folder else source,
-                                                  "branches": [{"name": b, "bits": float(b.replace("_", "."))} for b in branches]}))
-    for i, b in enumerate(branches):
-        out = work / "out" / b
-        out.mkdir()
+    work = Work(tmp_path / name)
+    model = str(model_folder) if model_folder else source
+    work.root.mkdir(parents=True)
+    work.measurement.write_text(json.dumps({"measurement": {"model.layers.0": []}, "last_module_idx": 1}))
+    measurement_sha256 = hashlib.sha256(work.measurement.read_bytes()).hexdigest()
+    specs = [Branch(name=b, bits=float(b.replace("_", "."))) for b in branches]
+    write_record(work.recipe, SettingsRecord(settings=Settings(model=model, branches=specs), model_fingerprint=FINGERPRINT,
+                                             model_dir=model))
+    write_record(work.provenance, MeasurementProvenance(
+        model_ref=model, model_fingerprint=FINGERPRINT, calibration="default", calibration_sha256=CALIBRATION_SHA256,
+        rows=100, length=2048, exllamav2_version="0.3.2", measurement_sha256=measurement_sha256))
+    for i, b in enumerate(specs):
+        out = work.out(b.name)
+        out.mkdir(parents=True)
         tiny_tensors(out / "output.safetensors", i)
-        bits = float(b.replace("_", "."))
         cfg = dict(config or (json.loads((model_folder / "config.json").read_text()) if model_folder else TINY_LLAMA))
-        cfg["quantization_config"] = {"quant_method": "exl2", "version": "0.3.2", "bits": bits, "head_bits": 8}
+        cfg["quantization_config"] = {"quant_method": "exl2", "version": "0.3.2", "bits": b.bits, "head_bits": b.head_bits}
         (out / "config.json").write_text(json.dumps(cfg))
         if model_folder is not None:
             for f in model_folder.iterdir():
@@ -83,5 +100,17 @@ def make_work(tmp_path: Path, *, source: str = "alice/tiny-llama", branches: tup
                     shutil.copy(f, out / f.name)
         else:
             (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]}))
-        (out / "quantkit.json").write_text(json.dumps({"branch": b, "bits": float(b.replace("_", ".")), "head_bits": 8, "source_model": source}))
-    return work
+        write_record(work.branch_provenance(b.name), branch_provenance(b.name, b.bits, source=source, folder=out))
+    return work.root
+
+
+def branch_provenance(branch: str, bits: float, *, source: str = "alice/tiny-llama", folder: Path | None = None,
+                      removed: list[str] | None = None) -> BranchProvenance:
+    """quantkit.json of a converted branch, as the pipeline writes it (achieved = target, for the tests)."""
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder is not None else 0
+    return BranchProvenance(
+        branch=branch, bits=bits, head_bits=8, achieved_decoder_bpw=bits, achieved_head_bpw=8.0, bytes=size,
+        reachable_bpw=(2.1, 8.04), measurement_sha256="00" * 32, source_model=source, model_fingerprint=FINGERPRINT,
+        calibration=BranchCalibration(name="default", sha256=CALIBRATION_SHA256, rows=100, length=2048,
+                                      measurement_rows=100, measurement_length=2048),
+        exllamav2_version="0.3.2", removed_from_source_copy=removed or [])

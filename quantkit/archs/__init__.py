@@ -113,6 +113,32 @@ def read_field(config: dict[str, Any], field: str, default: Any = MISSING) -> An
     return default
 
 
+class NativeOverride(BaseModel):
+    """A model whose config.json claims more context than its weights were trained for."""
+
+    model_config = ConfigDict(frozen=True)
+
+    repo: str
+    native: int
+    claimed: int
+    reason: str
+
+
+@lru_cache(maxsize=1)
+def _native_table() -> dict[str, Any]:
+    return tomllib.loads(resources.files(__package__).joinpath("native_context.toml").read_text(encoding="utf-8"))
+
+
+def native_override(config: dict[str, Any], ref: str | None, claimed: int) -> NativeOverride | None:
+    """The `native_context.toml` entry for this model (by "_name_or_path" or the Hub id), if its config still
+    claims the edited length."""
+    for key in (config.get("_name_or_path"), ref):
+        entry = _native_table().get(key) if isinstance(key, str) else None
+        if entry is not None and entry["claimed"] == claimed:
+            return NativeOverride(repo=key, **entry)
+    return None
+
+
 class Resolved(BaseModel):
     """What exllamav2 will build for a config: its table entry, the config.json it will read (the
     adapted one when an adapter applies) and the adapter's plan (None when the model is read as it is)."""

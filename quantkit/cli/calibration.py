@@ -9,6 +9,7 @@ from rich.table import Table
 
 from quantkit import calibration as cal
 from quantkit.cli.output import Output
+from quantkit.guards import refuse_in_model
 
 
 @click.group()
@@ -57,6 +58,7 @@ def build(name: str, model_dir: Path, out_dir: Path, source: str | None, fmt: st
     for k, v in (("rows", rows), ("length", length)):
         if v is not None:
             cal.check_count(k, v)
+    refuse_in_model(out_dir, model_dir, what="--out")
     recipe, base = _recipe(name, source=source, format=fmt, split=split, text_column=text_column,
                            messages_column=messages_column, seed=seed, rows=rows, length=length)
     built = cal.build(recipe, base, model_dir, out_dir)

@@ -8,7 +8,11 @@ import click
 
 from quantkit.card import card_spec, parse_card, render_card
 from quantkit.cli.output import Output
+from quantkit.files import write_output
+from quantkit.guards import is_within, local_model_dir, recorded_model_dir, refuse_in_model
 from quantkit.source import check_hub_id
+from quantkit.workfolder import is_work_folder
+from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
@@ -34,6 +38,10 @@ def card(ref: str, repo: str | None, output: Path | None, prompt_fmt: str | None
     out = Output()
     if base_model is not None:
         check_hub_id(base_model)
+    work = Path(ref).expanduser() if is_work_folder(Path(ref).expanduser()) else None
+    if output is not None:
+        model_dir = recorded_model_dir(work) if work is not None else local_model_dir(ref)
+        refuse_in_model(output, model_dir, what="--output")
     spec = card_spec(ref, repo=repo, override_format=prompt_fmt, cache=cache, base_model=base_model,
                      include_source_card=not no_source_card)
     for note in spec.notes:
@@ -43,5 +51,9 @@ def card(ref: str, repo: str | None, output: Path | None, prompt_fmt: str | None
     if output is None:
         out.text(text.rstrip("\n"))
         return
-    output.write_text(text, encoding="utf-8")
+    if work is not None and is_within(output, work):
+        with work_lock(work, command_line("card", ref, "--output", output)):
+            write_output(output, text)
+    else:
+        write_output(output, text)
     out.info(f"wrote {output}")

@@ -11,9 +11,12 @@ from quantkit.branches import Branch, branches_for
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
 from quantkit.errors import InvalidCount
+from quantkit.guards import check_work_folder, local_model_dir
 from quantkit.pipeline import Pipeline, Settings
+from quantkit.workfolder import read_settings
 from quantkit.units import parse_bits, split_list
 from quantkit.vram import check_head_bits
+from quantkit.worklock import command_line, work_lock
 
 work_option = click.option("--work", "work", required=True, type=click.Path(path_type=Path, file_okay=False),
                            help="The work folder (calibration, measurement, one job per bitrate, cleaned outputs).")
@@ -28,15 +31,11 @@ def _count(name: str, value: int | None) -> int | None:
 
 def _settings(model: str, work: Path, **given: object) -> Settings:
     """Settings from the flags, falling back to what WORK/recipe.json recorded, then to defaults."""
-    recorded: dict[str, object] = {}
-    recipe = work / "recipe.json"
-    if recipe.is_file():
-        import json
-
-        recorded = json.loads(recipe.read_text(encoding="utf-8")).get("settings", {})
-    values = {k: v for k, v in recorded.items() if k in Settings.model_fields and k not in ("model", "branches")}
-    values |= {k: v for k, v in given.items() if v is not None}
-    return Settings(model=model, **values)  # type: ignore[arg-type]
+    check_work_folder(work, local_model_dir(model))  # before WORK is read or written
+    record = read_settings(work)
+    values = record.settings.model_dump() if record is not None else {}
+    values |= {"model": model, "branches": []} | {k: v for k, v in given.items() if v is not None}
+    return Settings.model_validate(values)
 
 
 def say_adapter(out: Output, p: Pipeline) -> None:
@@ -70,7 +69,8 @@ def measure(model: str, work: Path, calibration: str | None, calibration_source:
     out = Output()
     s = _settings(model, work, calibration=calibration, calibration_source=calibration_source,
                   measurement_rows=_count("rows", rows), length=_count("length", length))
-    with StepProgress(out) as view:
+    check_work_folder(work, local_model_dir(model))
+    with work_lock(work, command_line("measure", model, "--work", work)), StepProgress(out) as view:
         p = Pipeline(s, work, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)
@@ -106,7 +106,8 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
     if not brs:
         raise click.BadParameter("give at least one bitrate", param_hint="--bits")
     s = _settings(model, work, rows=_count("rows", rows)).model_copy(update={"branches": brs})
-    with StepProgress(out) as view:
+    check_work_folder(work, local_model_dir(model))
+    with work_lock(work, command_line("convert", model, "--work", work)), StepProgress(out) as view:
         p = Pipeline(s, work, listener=view)
         say_adapter(out, p)
         p.lock(force=force_settings)
@@ -117,6 +118,6 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
         t.add_column(col)
     for r in results:
         pv = r.provenance
-        t.add_row(r.branch, f"{pv['bits']:g}", f"{pv['achieved_decoder_bpw']:.3f}", f"{pv['achieved_head_bpw']:.2f}",
-                  f"{pv['bytes'] / 1024**2:.1f} MiB", str(r.folder))
+        t.add_row(r.branch, f"{pv.bits:g}", f"{pv.achieved_decoder_bpw:.3f}", f"{pv.achieved_head_bpw:.2f}",
+                  f"{pv.bytes / 1024**2:.1f} MiB", str(r.folder))
     out.rich(t)

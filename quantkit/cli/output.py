@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
+#: Rich sizes tables to the terminal, and to 80 columns when stdout is a pipe or a file, which cuts long
+#: names ("Qwen2ForCausalL…") and breaks words. Scripts that grep the output get the full width instead.
+PIPE_WIDTH = 10_000
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits 1 when the reader goes away; `quantkit archs | head -1` got what it asked for, so the
+        # CLI edge (main.QuantkitGroup) turns this into exit status 0.
+        raise BrokenPipeError
+
 
 class Output:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
-        self.console = Console(soft_wrap=False, highlight=False)
+        tty = sys.stdout.isatty()
+        self.console = _Console(soft_wrap=False, highlight=False, width=None if tty else PIPE_WIDTH)
         self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def rich(self, renderable: Any) -> None:

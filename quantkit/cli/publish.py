@@ -8,6 +8,7 @@ import click
 
 from quantkit.cli.output import Output
 from quantkit.publish import PublishOptions, PublishReport
+from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
@@ -40,12 +41,15 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, 
       quantkit publish work/llama3 --repo alice/Llama-3-8B-exl2 --to /tmp/llama3-exl2 --format json
       git -C /tmp/llama3-exl2 log --all --oneline
     """
+    from quantkit.guards import check_publish_paths
     from quantkit.publish import publish_work
 
     out = Output()
+    check_publish_paths(work, to)
     options = PublishOptions(repo=repo, to=to, private=private, force=force, prompt_format=prompt_fmt,
                              base_model=base_model, no_base_model=no_base_model)
-    report = publish_work(work, options, say=out.info, warn=out.warn)
+    with work_lock(work, command_line("publish", work, "--repo", repo)):
+        report = publish_work(work, options, say=out.info, warn=out.warn)
     if fmt == "json":
         out.json(report.model_dump(mode="json"))
         return

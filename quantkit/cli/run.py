@@ -15,10 +15,11 @@ from quantkit.cli.progress import StepProgress
 from quantkit.cli.publish import say_report
 from quantkit.pipeline import Pipeline
 from quantkit.publish import BackgroundPublisher, PublishOptions
+from quantkit.run import check_run_paths, load_run_recipe, publish_options, run_all
 from quantkit.run import dry_run as plan_dry_run
-from quantkit.run import load_run_recipe, publish_options, run_all
 from quantkit.source import check_hub_id
 from quantkit.units import format_gib
+from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
@@ -77,6 +78,7 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool, re
     settings = r.settings if base_model is None else r.settings.model_copy(update={"base_model": check_hub_id(base_model)})
     options = publish_options(r.publish, repo=repo, to=to, private=private, force=force, base_model=base_model,
                               no_base_model=no_base_model)
+    check_run_paths(r.model_copy(update={"publish": options}), folder)
     if dry_run:
         p = Pipeline(settings, folder)
         say_adapter(out, p)
@@ -85,7 +87,7 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool, re
     start = time.monotonic()
     # A bad repo id, a missing token or an unusable --to folder fails here, before any work.
     publisher = BackgroundPublisher(folder, options, say=out.info, warn=out.warn) if options is not None else None
-    with StepProgress(out) as view:
+    with work_lock(folder, command_line("run", recipe)), StepProgress(out) as view:
         p = Pipeline(settings, folder, listener=view, keep_temp=keep_temp)
         say_adapter(out, p)
         p.lock(force=force_settings)
@@ -94,13 +96,13 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool, re
     report = publisher.publisher.report() if publisher is not None else None
     if fmt == "json":
         out.json({"work": str(p.work.root.resolve()),
-                  "branches": [{"branch": res.branch, "achieved_decoder_bpw": res.provenance["achieved_decoder_bpw"],
+                  "branches": [{"branch": res.branch, "achieved_decoder_bpw": res.provenance.achieved_decoder_bpw,
                                 "folder": str(res.folder.resolve())} for res in results],
                   "publish": report.model_dump(mode="json") if report is not None else None})
         return
     where = f", published to {report.target}" if report is not None else ""
     for res in results:
-        out.rich(f"{res.branch}: {res.provenance['achieved_decoder_bpw']:.3f} bpw -> {res.folder}{where}")
+        out.rich(f"{res.branch}: {res.provenance.achieved_decoder_bpw:.3f} bpw -> {res.folder}{where}")
     if report is None:
         out.warn("nothing published: add a [publish] table to the recipe (or pass --repo / --to), "
                  f"or run `quantkit publish {p.work.root} --repo USER/NAME`")

@@ -8,15 +8,24 @@ the test double) for a `MeasureJob` (`-om`) or a `ConvertJob` (`-m ... -cf`). Ru
 - PYTHONUNBUFFERED=1, because `os._exit(1)` on numeric errors drops buffered stdout;
 - stdin is /dev/null and the child has its own session, because measure.py's SIGINT handler calls
   `input()`; quantkit stops it with SIGTERM instead;
+- its own session also keeps it alive when quantkit dies, so on Linux the child asks the kernel for
+  SIGTERM when its parent dies (`prctl(PR_SET_PDEATHSIG)`, kill -9 included), and its PID is recorded
+  in `-o` (quantkit-converter.pid): a rerun that finds it still running (another OS, or a converter from
+  before) stops it before starting one of its own, and says so;
+- a job file that does not parse (a kill while exllamav2 rewrote it: it writes in place) or that
+  measure.py marked "invalid" means "redo this stage": exllamav2 itself would only crash on it;
 - success is `job_new.json` progress "finished" plus the expected files, never the exit code (bare
   `sys.exit()` exits 0 on most argument errors).
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
+import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +47,9 @@ CONVERTER_ENV = "QUANTKIT_CONVERTER"
 CONVERTER_VERSION_ENV = "QUANTKIT_CONVERTER_VERSION"
 DEFAULT_MODULE = "exllamav2.conversion.convert_exl2"
 LOG_NAME = "quantkit-converter.log"
+#: The running converter's PID and start time, in `-o`: how a rerun finds a converter that outlived quantkit.
+PID_NAME = "quantkit-converter.pid"
+_PR_SET_PDEATHSIG = 1
 #: Seconds between SIGTERM and SIGKILL when cancelling.
 TERM_GRACE_S = 10.0
 
@@ -183,6 +195,96 @@ def is_finished(job: Job) -> bool:
     return jobfile.job_progress(job.work_dir) == "finished" and missing_outputs(job) is None
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec hook asking Linux to SIGTERM the child when quantkit dies; None elsewhere.
+
+    The signal follows the *thread* that forked, so `Converter.run` must be called from a thread that
+    outlives the converter (it waits for it, so it does).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # quantkit died before the prctl took effect
+            os._exit(1)
+
+    return hook
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (Linux), so a reused PID is not mistaken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _record_pid(work_dir: Path, pid: int, argv: list[str]) -> None:
+    from quantkit.files import write_json_atomic
+
+    write_json_atomic(work_dir / PID_NAME, {"pid": pid, "start_ticks": _start_ticks(pid), "argv": argv})
+
+
+def orphan(work_dir: Path) -> int | None:
+    """The PID of a converter recorded in `work_dir` that is still running, else None."""
+    try:
+        data = json.loads((work_dir / PID_NAME).read_text(encoding="utf-8"))
+        pid, ticks = int(data["pid"]), data.get("start_ticks")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid() or ticks is None or _start_ticks(pid) != ticks:
+        return None
+    return pid
+
+
+def stop_orphan(work_dir: Path, say: Callable[[str], None]) -> None:
+    """Stop a converter left running by an earlier quantkit on this job folder (its session: it and
+    anything it started), so two converters never write one job folder."""
+    pid = orphan(work_dir)
+    if pid is None:
+        (work_dir / PID_NAME).unlink(missing_ok=True)
+        return
+    say(f"a converter left running by an earlier quantkit (PID {pid}) is writing {work_dir}: stopping it before resuming")
+    for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while orphan(work_dir) == pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if orphan(work_dir) != pid:
+            break
+    (work_dir / PID_NAME).unlink(missing_ok=True)
+
+
+def redo_if_corrupt(job: Job, say: Callable[[str], None]) -> bool:
+    """Clear a job folder whose job file does not read back, so the stage starts over; True if it did.
+
+    Only quantkit's own folders are cleared: `-o` (and `-cf` for a conversion), both inside WORK.
+    """
+    path = job.work_dir / jobfile.JOB_FILE
+    if not path.exists() or jobfile.job_progress(job.work_dir) not in (None, "invalid"):
+        return False
+    say(f"{path} is unreadable (a kill while it was written?): redoing the {job.task} from its start")
+    for child in job.work_dir.iterdir():
+        if child.name in (LOG_NAME, PID_NAME):
+            continue
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    if isinstance(job, ConvertJob) and job.output_dir.is_dir():
+        shutil.rmtree(job.output_dir)
+    return True
+
+
 class Converter:
     """Runs one job at a time. `on_line` sees every classified console line (status events included)."""
 
@@ -220,9 +322,16 @@ class Converter:
         """
         job.work_dir.mkdir(parents=True, exist_ok=True)
         log = job.work_dir / LOG_NAME
+
+        def say(text: str) -> None:
+            if on_line is not None:
+                on_line(LogLine(kind="warning", text=f"quantkit: {text}"))
+
+        stop_orphan(job.work_dir, say)
         if is_finished(job):
             # Re-running a finished job makes exllamav2 print "Job is already finished" and exit 0.
             return ConverterResult(exit_code=None, log=log, seconds=0.0, skipped=True)
+        redo_if_corrupt(job, say)
         check_resumable(job)
         argv = self.argv(job)
         env = os.environ | {"PYTHONUNBUFFERED": "1"}
@@ -237,10 +346,12 @@ class Converter:
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                     env=env, text=True, errors="replace", bufsize=1, start_new_session=True,
+                    preexec_fn=_die_with_parent(),  # noqa: PLW1509 - only a prctl call runs in the child
                 )
             except OSError as exc:
                 raise ConverterMissing(f"{shlex.join(self.command)}: {exc.strerror or exc}") from exc
             try:
+                _record_pid(job.work_dir, self._proc.pid, argv)
                 assert self._proc.stdout is not None
                 for raw in self._proc.stdout:
                     fh.write(raw)
@@ -258,6 +369,8 @@ class Converter:
                 raise ConverterCancelled(job.task, stage, log) from None
             finally:
                 fh.write(f"=== exit {self._proc.returncode}\n")
+                if self._proc.returncode is not None:
+                    (job.work_dir / PID_NAME).unlink(missing_ok=True)
                 self._proc = None
         seconds = time.monotonic() - start
         if self._cancelled.is_set():

@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict
 
 from quantkit.exl2.job import output_shards
 from quantkit.files import read_json, write_json_atomic
+from quantkit.workfolder import BRANCH_PROVENANCE, BranchProvenance, read_branch_provenance, write_record
 
 #: Source leftovers compile.py copies that must not be published with the quant.
 STALE = ("README.md", ".gitattributes")
 STALE_SUFFIXES = (".safetensors.index.json", ".pth", ".gguf", ".bin.index.json")
 INDEX_NAME = "model.safetensors.index.json"
-PROVENANCE_NAME = "quantkit.json"
 _Q_SUFFIXES = (".q_weight", ".q_invperm", ".q_scale", ".q_scale_max", ".q_groups", ".q_perm")
 
 
@@ -71,16 +71,25 @@ def achieved_bits(folder: Path, *, decoder_weights: int, head_weights: int) -> A
     return Achieved(decoder_bpw=decoder * 8 / decoder_weights, head_bpw=head * 8 / head_weights if head_weights else 0.0, bytes=total)
 
 
-def finalize(folder: Path, provenance: dict[str, Any]) -> dict[str, Any]:
-    """Clean `folder`, write its index and quantkit.json; returns the provenance written."""
-    removed = remove_stale(folder)
+def stale_in_source(source_dir: Path) -> list[str]:
+    """What compile.py copied from `source_dir` that `remove_stale` removes: the same list whether or not
+    an earlier, killed finalize already removed some of it."""
+    return sorted(p.name for p in source_dir.iterdir()
+                  if p.is_file() and not p.name.endswith((".safetensors", ".bin")) and (p.name in STALE or p.name.endswith(STALE_SUFFIXES)))
+
+
+def finalize(folder: Path, provenance: BranchProvenance, *, source_dir: Path | None = None) -> BranchProvenance:
+    """Clean `folder`, write its index and quantkit.json; returns the provenance written.
+
+    `source_dir` (the converter's `-i`) makes quantkit.json the same after a kill anywhere in here: what
+    a killed first pass removed is no longer in `folder` to be seen."""
+    removed = remove_stale(folder) + (stale_in_source(source_dir) if source_dir is not None else [])
     write_index(folder)
     config = read_json(folder / "config.json")
     if "quantization_config" not in config:  # missing_compiled() already refused this; keep the guard local
         raise ValueError(f"{folder}/config.json has no quantization_config")
-    earlier: list[str] = []
-    if (folder / PROVENANCE_NAME).is_file():  # a rerun after a kill: keep what the first pass removed
-        earlier = read_json(folder / PROVENANCE_NAME).get("removed_from_source_copy", [])
-    data = provenance | {"removed_from_source_copy": sorted(set(removed) | set(earlier))}
-    write_json_atomic(folder / PROVENANCE_NAME, data)
+    earlier = read_branch_provenance(folder)  # a rerun after a kill: keep what the first pass removed
+    kept = set(earlier.removed_from_source_copy) if earlier is not None else set()
+    data = provenance.model_copy(update={"removed_from_source_copy": sorted(set(removed) | kept)})
+    write_record(folder / BRANCH_PROVENANCE, data)
     return data

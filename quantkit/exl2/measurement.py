@@ -7,7 +7,8 @@ decoder bitrates run from the sum of the cheapest options to the sum of the dear
 decoder's weight count. `total_bits` already holds the fixed costs (scales, groups, the 32-bit
 q_invperm per row), which is why 2.0 is out of reach and 8.0 is just inside.
 
-The file says nothing about where it came from; `Provenance` (WORK/measurement.provenance.json) does.
+The file says nothing about where it came from; `MeasurementProvenance` (WORK/measurement.provenance.json,
+the record in quantkit.workfolder) does.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantkit import __version__
 from quantkit.errors import MeasurementCorrupt, MeasurementMismatch, UnreachableBits
 from quantkit.model import Model
 from quantkit.vram import decoder_linears
+from quantkit.workfolder import AdapterRecord, MeasurementProvenance, read_record
 
 _KEY = re.compile(r"^(?P<prefix>.*?)model\.layers\.(?P<layer>\d+)\.(?P<mode>self_attn|mlp|block_sparse_moe|parallel_decoder)$")
 
@@ -151,26 +152,6 @@ def check_reachable(bits: float, rng: BitRange) -> None:
 # ---- provenance -------------------------------------------------------------------------------------
 
 
-class Provenance(BaseModel):
-    """Where a measurement came from. Written beside it as measurement.provenance.json."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model_ref: str
-    model_fingerprint: str
-    calibration: str
-    calibration_sha256: str
-    rows: int
-    length: int
-    exllamav2_version: str
-    measurement_sha256: str
-    quantkit_version: str = __version__
-    created: str = ""
-    #: The architecture adapter the converter read the model through: adapter, source_arch,
-    #: target_arch, status, experimental, exact, summary. None when exllamav2 reads the model as it is.
-    adapter: dict[str, Any] | None = None
-
-
 def model_fingerprint(model: Model) -> str:
     """sha256 of config.json (less volatile keys), every tensor's header (name, dtype, shape, bytes) and,
     for a local folder, the first 64 KiB of each shard's data: headers alone cannot tell two
@@ -188,8 +169,8 @@ def model_fingerprint(model: Model) -> str:
 
 
 def make_provenance(model: Model, fingerprint: str, *, measurement: Path, calibration: str, calibration_sha256: str,
-                    rows: int, length: int, exllamav2_version: str, adapter: dict[str, Any] | None = None) -> Provenance:
-    return Provenance(
+                    rows: int, length: int, exllamav2_version: str, adapter: AdapterRecord | None = None) -> MeasurementProvenance:
+    return MeasurementProvenance(
         model_ref=model.ref, model_fingerprint=fingerprint, calibration=calibration,
         calibration_sha256=calibration_sha256, rows=rows, length=length, exllamav2_version=exllamav2_version,
         measurement_sha256=file_sha256(measurement), created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -201,17 +182,16 @@ def provenance_path(measurement: Path) -> Path:
     return measurement.with_name(measurement.stem + ".provenance.json")
 
 
-def read_provenance(measurement: Path) -> Provenance:
+def read_provenance(measurement: Path) -> MeasurementProvenance:
+    """Raises: MeasurementCorrupt (no record beside it), WorkFolderCorrupt, WorkFolderIncompatible."""
     path = provenance_path(measurement)
-    try:
-        return Provenance.model_validate_json(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise MeasurementCorrupt(measurement, f"it has no provenance record ({path.name}); measure again with `quantkit measure`") from exc
-    except (OSError, ValueError) as exc:
-        raise MeasurementCorrupt(path, f"unreadable provenance ({exc.__class__.__name__})") from exc
+    prov = read_record(MeasurementProvenance, path)
+    if prov is None:
+        raise MeasurementCorrupt(measurement, f"it has no provenance record ({path.name}); measure again with `quantkit measure`")
+    return prov
 
 
-def check_provenance(measurement: Path, prov: Provenance, *, fingerprint: str) -> None:
+def check_provenance(measurement: Path, prov: MeasurementProvenance, *, fingerprint: str) -> None:
     """Refuse a measurement made from another model, or edited after it was recorded.
 
     Raises:

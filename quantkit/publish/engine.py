@@ -13,19 +13,28 @@ what is missing, and a commit that silently changed nothing is caught. Files qua
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from quantkit.errors import BranchVerifyFailed, ForeignFiles, InvalidBranchName, WorkFolderIncomplete
+from quantkit.errors import BranchVerifyFailed, ForeignFiles, WorkFolderIncomplete
+from quantkit.guards import check_branch_name
 from quantkit.publish.scrub import publishable
 from quantkit.publish.target import RemoteFile, RetryableError, Target
-from quantkit.workfolder import MEASUREMENT, PROVENANCE, RECIPE, STATE, converted_branches, pick, read_json, update_state
+from quantkit.workfolder import (
+    MEASUREMENT,
+    PROVENANCE,
+    RECIPE,
+    PublishRecord,
+    StateRecord,
+    converted_branches,
+    now,
+    read_branch_provenance,
+    read_state,
+    update_state,
+)
 
-BRANCH_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 COMMIT_PREFIX = "quantkit"  # every commit quantkit makes starts with it: how it knows its own files
 CARD_NAME = "README.md"
 MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE)  # the recipe and provenance travel with the measurement
@@ -77,12 +86,6 @@ class FileHashes:
         if remote.sha256 is not None:
             return remote.sha256 == sha256
         return remote.blob_id == blob
-
-
-def check_branch_name(name: str) -> str:
-    if not BRANCH_NAME.match(name) or name in {".", ".."} or name.endswith(".lock"):
-        raise InvalidBranchName(name)
-    return name
 
 
 def main_files(work: Path, card: Path) -> dict[str, Path]:
@@ -173,25 +176,23 @@ def verify_branch(target: Target, branch: str, files: dict[str, Path], base: dic
 
 
 def _record(work: Path, branch: str, target: Target, result: SyncResult) -> None:
-    def change(state: dict) -> None:
-        entry = state.setdefault("published", {}).setdefault(branch, {})
-        previous = entry.get(target.id, {})
-        entry[target.id] = {
-            "commit": result.commit or previous.get("commit"),
-            "files": result.files,
-            "bytes": result.bytes,
-            "verified": True,
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+    _set_published(work, branch, target.id, lambda previous: PublishRecord(
+        commit=result.commit or (previous.commit if previous else None), files=result.files, bytes=result.bytes,
+        verified=True, at=now()))
+
+
+def _set_published(work: Path, branch: str, target_id: str, make: Callable[[PublishRecord | None], PublishRecord]) -> None:
+    def change(state: StateRecord) -> StateRecord:
+        on_branch = dict(state.published.get(branch, {}))
+        on_branch[target_id] = make(on_branch.get(target_id))
+        return state.model_copy(update={"published": state.published | {branch: on_branch}})
 
     update_state(work, change)
 
 
 def _bits_label(work: Path, branch: str) -> str:
-    from quantkit.workfolder import BRANCH_PROVENANCE
-
-    bits = pick(read_json(work / "out" / branch / BRANCH_PROVENANCE), "bits")
-    return f" ({bits:g} bpw)" if isinstance(bits, (int, float)) else ""
+    prov = read_branch_provenance(work / "out" / branch)
+    return f" ({prov.bits:g} bpw)" if prov is not None else ""
 
 
 def publish_main(work: Path, target: Target, card: Path, *, force: bool = False, hashes: FileHashes | None = None,
@@ -221,21 +222,14 @@ def publish_branch(work: Path, branch: str, target: Target, *, card: Path, force
 
 def _record_failure(work: Path, branch: str, target: Target, exc: BaseException) -> None:
     """The branch is not (fully) published on `target`: say so in state.json, keeping its last commit."""
-
-    def change(state: dict) -> None:
-        entry = state.setdefault("published", {}).setdefault(branch, {})
-        previous = entry.get(target.id, {})
-        entry[target.id] = {"commit": previous.get("commit"), "verified": False,
-                            "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
-                            "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-    update_state(work, change)
+    _set_published(work, branch, target.id, lambda previous: PublishRecord(
+        commit=previous.commit if previous else None, verified=False,
+        error=f"{type(exc).__name__}: {exc}".splitlines()[0], at=now()))
 
 
-def published(work: Path, branch: str, target_id: str) -> dict | None:
+def published(work: Path, branch: str, target_id: str) -> PublishRecord | None:
     """What WORK/state.json records of `branch` on the target, or None when it was never tried."""
-    record = pick(read_json(work / STATE), f"published.{branch}", default={}) or {}
-    return record.get(target_id)
+    return read_state(work).published.get(branch, {}).get(target_id)
 
 
 def said(r: SyncResult, target: Target) -> str:

@@ -10,12 +10,14 @@ blobs, and `push_commands` says how to move them into LFS first: the Hub refuses
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path, PurePosixPath
 
 from quantkit.errors import GitFailed, LocalTargetDirty, LocalTargetNotRepo
+from quantkit.files import write_json_atomic
 from quantkit.publish.target import RemoteFile, Target
 
 #: The Hub's first commit holds a .gitattributes sending big binaries to LFS; the local target mirrors it.
@@ -108,6 +110,7 @@ class GitTarget(Target):
             # The filters (a checkout shows the files, not pointers) and the pre-push hook that uploads them.
             self.git("lfs", "install", "--local")
         if not self._bare():
+            self._finish_follow()
             dirty = [line[3:] for line in self.git("status", "--porcelain").splitlines()]
             if dirty:
                 raise LocalTargetDirty(self.path, dirty)
@@ -115,8 +118,10 @@ class GitTarget(Target):
             blob = self.git("hash-object", "-w", "--stdin", stdin=GITATTRIBUTES).strip()
             tree = self.git("mktree", stdin=f"100644 blob {blob}\t.gitattributes\n").strip()
             commit = self.git("commit-tree", tree, "-m", "initial commit").strip()
+            self._begin_follow("main")
             self.git("update-ref", "refs/heads/main", commit, "0" * 40)
             self._follow("main", None, commit)
+            self._end_follow()
 
     def first_commit(self) -> str:
         if self._first is None:
@@ -184,8 +189,10 @@ class GitTarget(Target):
                 self.git("update-index", "--force-remove", "--", path, env=env)
             tree = self.git("write-tree", env=env).strip()
         commit = self.git("commit-tree", tree, "-p", parent, "-m", message).strip()
+        self._begin_follow(branch)
         self.git("update-ref", ref, commit, parent)  # fails if the branch moved meanwhile
         self._follow(branch, parent, commit)
+        self._end_follow()
         return commit
 
     def _lfs_blob(self, path: str, local: Path) -> str:
@@ -210,6 +217,55 @@ class GitTarget(Target):
         include = ",".join(LFS_PATTERNS)
         return ["# install git-lfs first (e.g. apt-get install git-lfs), then:", f"{where} lfs install --local",
                 f'{where} lfs migrate import --everything --include="{include}"', *push]
+
+    # ---- the checkout follows its branch without a crash window -------------------------------------
+    #
+    # update-ref and the checkout's read-tree are two steps: a kill between them leaves the branch at
+    # the new commit and the files at the old one, which looks like uncommitted changes forever. A
+    # marker written before the ref moves (after prepare() found the checkout clean) says the checkout
+    # is quantkit's to bring along; the next prepare() finishes the job to whatever the branch holds.
+
+    def _marker(self) -> Path | None:
+        if self._bare():
+            return None
+        return Path(self.git("rev-parse", "--absolute-git-dir").strip()) / "quantkit-follow.json"
+
+    def _begin_follow(self, branch: str) -> None:
+        marker = self._marker()
+        if marker is not None:
+            write_json_atomic(marker, {"branch": branch})
+
+    def _end_follow(self) -> None:
+        marker = self._marker()
+        if marker is not None:
+            marker.unlink(missing_ok=True)
+
+    def _finish_follow(self) -> None:
+        """Complete an update a kill interrupted: the checkout takes the tree its branch points at."""
+        marker = self._marker()
+        if marker is None or not marker.is_file():
+            return
+        try:
+            branch = str(json.loads(marker.read_text(encoding="utf-8"))["branch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            branch = ""
+        # git's own lock files, left by a kill inside update-ref or read-tree; the work folder's lock
+        # says no other quantkit is here, and the marker says this update was quantkit's.
+        for stale in (marker.parent / "index.lock", marker.parent / "refs" / "heads" / f"{branch}.lock"):
+            if branch and stale.is_file():
+                stale.unlink()
+        try:
+            head = self.git("symbolic-ref", "-q", "HEAD").strip()
+        except GitFailed:
+            head = ""
+        if branch and head == f"refs/heads/{branch}":
+            try:
+                tip = self.git("rev-parse", "--verify", "-q", head).strip()
+            except GitFailed:
+                tip = ""  # the first commit never landed: prepare() makes it again
+            if tip:
+                self.git("read-tree", "-u", "--reset", tip)
+        marker.unlink(missing_ok=True)
 
     def _follow(self, branch: str, old: str | None, new: str) -> None:
         """Bring a non-bare checkout of `branch` along (it was clean: prepare() checked)."""

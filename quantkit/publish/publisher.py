@@ -18,6 +18,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import BaseModelUnknown, WorkFolderIncomplete
+from quantkit.files import write_text_atomic
 from quantkit.publish import engine
 from quantkit.publish.engine import CARD_NAME, COMMIT_PREFIX, FileHashes, SyncResult
 from quantkit.publish.target import Target
@@ -149,13 +150,11 @@ class Publisher:
 
     def write_card(self, branches: list[str]) -> Path:
         """WORK/publish/README.md listing `branches`, rewritten only when it changes."""
-        from quantkit.files import write_text_atomic
-
         text = self.card_text(branches)
         path = self.work / "publish" / CARD_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            write_text_atomic(path, text)
+        if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
+            write_text_atomic(path, text)  # a kill here leaves the old card or the new one, never half of it
         return path
 
     def _is_hub(self) -> bool:
@@ -174,7 +173,9 @@ class Publisher:
         """
         from quantkit.publish.hub_target import HubTarget
         from quantkit.source import read_source
+        from quantkit.workfolder import read_state
 
+        read_state(self.work)  # a folder of another format is refused before anything is said or written
         for w in self.warnings:
             self.warn(w)
         converted = converted_branches(self.work)
@@ -190,7 +191,7 @@ class Publisher:
 
     def _verified(self, branch: str) -> bool:
         record = engine.published(self.work, branch, self.target.id)
-        return bool(record and record.get("verified"))
+        return record is not None and record.verified
 
     def _upload_bytes(self, branches: list[str]) -> int:
         files = [p for p in (self.work / n for n in engine.MAIN_FILES) if p.is_file()]
