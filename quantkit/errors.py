@@ -140,6 +140,22 @@ class MissingExtra(OptionError):
     purpose: str
 
 
+class NoSuchGpu(OptionError):
+    """`--gpus` names a GPU this machine does not show (`visible`: the ids it does)."""
+
+    summary = "no GPU {gpu!r} (visible: {visible})"
+    gpu: str
+    visible: list[str]
+
+
+class ClusterUnreachable(OptionError):
+    """The Ray cluster at `address` (`--cluster`) did not answer."""
+
+    summary = "{address}: {reason}"
+    address: str
+    reason: str
+
+
 class InvalidBranchName(OptionError):
     """A branch name that is unsafe as a folder under WORK or as a Hub/git branch."""
 
@@ -536,6 +552,13 @@ class DiskTooSmall(WorkFolderError):
     path: Path
     needed: int
     free: int
+
+
+class ClusterTasksFailed(WorkFolderError):
+    """Some cluster tasks failed; the others finished. `failures` maps each task to its error."""
+
+    summary = "cluster tasks failed: {failures}"
+    failures: dict[str, BaseException]
 
 
 class WorkFolderBusy(WorkFolderError):

@@ -25,6 +25,11 @@ def current_umask() -> int:
     return mask
 
 
+def _commit(tmp: str, path: Path) -> None:
+    """The instant a write takes effect: one rename. Tests inject kills here, before and after it."""
+    os.replace(tmp, path)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write beside `path` under a unique temporary name, fsync, then rename over it.
 
@@ -40,7 +45,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

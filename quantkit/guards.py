@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from quantkit.errors import DuplicateBranchName, InvalidBranchName, PathLeavesWork, PathOverlapsModel, PathOverlapsWork
+from quantkit.files import check_folder_path
 
 #: Letters, digits, '.', '_' and '-', starting with a letter or digit; at most 100 characters.
 BRANCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -84,12 +85,13 @@ def refuse_overlap(path: Path | str | None, model_dir: Path | str | None, *, wha
 
 
 def check_work_folder(work: Path, model_dir: Path | str | None) -> None:
-    """WORK may not be (or lie inside) the model folder, and the model folder may not lie inside a
-    subfolder quantkit fills and deletes.
+    """WORK may not be (or lie inside) the model folder, nor the model folder lie inside a subfolder
+    quantkit fills and deletes; and no file may sit where WORK or a folder above it should be.
 
     Raises:
-        PathOverlapsModel.
+        PathOverlapsModel, OutputPathInvalid.
     """
+    check_folder_path(work)
     if model_dir is None:
         return
     refuse_in_model(work, model_dir, what="--work")

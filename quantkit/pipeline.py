@@ -9,6 +9,7 @@ job_new.json) and goes on. Settings that would invalidate finished work are lock
 from __future__ import annotations
 
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,32 +67,82 @@ class BranchResult(BaseModel):
 
 
 class Pipeline:
-    """One model in one work folder. `converter` is the seam (tests pass one pointed at the double)."""
+    """One model in one work folder. `converter` is the seam (tests pass one pointed at the double).
+
+    Constructing it reads the source's config and tensor headers only (a Hub model's from the Hub), so
+    a dry run plans without weights. The first step that needs them (`lock`, or any step) fetches a Hub
+    model's weights and checks that safetensors are there: `local_weights()`.
+    """
 
     def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
-                 listener: Listener | None = None, model: Model | None = None, keep_temp: bool = False) -> None:
+                 listener: Listener | None = None, model: Model | None = None, weights: bool = True,
+                 keep_temp: bool = False) -> None:
+        """`weights=False`: this machine only plans, calibrates and keeps the state (a cluster driver,
+        quantkit.cluster): a Hub model's config and tokenizer are fetched here, never its weights.
+        `keep_temp`: keep the converter's scratch (out_tensor, calibration states) after a step is
+        finished and verified."""
         self.settings = settings
-        #: Keep the converter's scratch (out_tensor, calibration states) after a step is finished and verified.
+        self.weights = weights
         self.keep_temp = keep_temp
         self.work = Work(work)
         self.converter = converter or conv.Converter()
         self.listener = listener
         self.model = model or load_model(settings.model)
-        if self.model.path is None:
-            self.model = self._download(self.model)
-        assert self.model.path is not None
-        self.model_dir: Path = self.model.path
-        guards.check_work_folder(work, self.model_dir)  # before anything reads or writes WORK
-        if not any(self.model_dir.glob("*.safetensors")):
-            raise NoWeights(self.model_dir, "*.safetensors: exllamav2 converts only safetensors checkpoints")
-        # Always the user's source model, adapter or not: a rerun on the same source matches its work.
-        self.fingerprint = meas.model_fingerprint(self.model)
+        guards.check_work_folder(work, self.model.path)  # before anything reads or writes WORK
+        for b in settings.branches:  # each branch's folders resolve inside WORK (Work checks them)
+            self.work.job(b.name), self.work.out(b.name)
         #: The adapter's plan (load_model ran its check, so an unmappable config is already refused).
         self.adapter = self.model.adapter
         self.state = State(self.work)
+        self._model_dir: Path | None = None
+        self._fingerprint: str | None = None
         self._input: Path | None = None
         #: Seconds spent inside the converter subprocess, for the overhead figure.
         self.converter_seconds = 0.0
+        self._seconds_lock = threading.Lock()
+
+    def has_local_weights(self) -> bool:
+        """The safetensors are on this machine already: reading them downloads nothing."""
+        return self.model.path is not None and any(self.model.path.glob("*.safetensors"))
+
+    def local_weights(self) -> Path:
+        """The folder holding the safetensors the converter reads; a Hub model's are downloaded first.
+
+        Raises:
+            NoWeights: the folder holds no safetensors (exllamav2 converts nothing else).
+        """
+        if self._model_dir is None and not self.weights:
+            # The fingerprint stays the one of `self.model` as loaded (a Hub model's: config and headers).
+            self._model_dir = self.model.path or self._fetch_light(self.model)
+            guards.check_work_folder(self.work.root, self._model_dir)
+        if self._model_dir is None:
+            if self.model.path is None:
+                self.model = self._download(self.model)
+                guards.check_work_folder(self.work.root, self.model.path)  # the Hub snapshot, now it is known
+            assert self.model.path is not None
+            if not any(self.model.path.glob("*.safetensors")):
+                raise NoWeights(self.model.path, "*.safetensors: exllamav2 converts only safetensors checkpoints")
+            self._model_dir = self.model.path
+        return self._model_dir
+
+    @property
+    def model_dir(self) -> Path:
+        return self.local_weights()
+
+    @property
+    def fingerprint(self) -> str:
+        """The user's source model's, adapter or not: a rerun on the same source matches its work."""
+        if self._fingerprint is None:
+            self.local_weights()
+            self._fingerprint = meas.model_fingerprint(self.model)
+        return self._fingerprint
+
+    @staticmethod
+    def _fetch_light(model: Model) -> Path:
+        """A Hub model's config and tokenizer files, without its weights."""
+        from quantkit import hub
+
+        return Path(hub.get_hf_api().snapshot_download(model.ref, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja"]))
 
     @staticmethod
     def _download(model: Model) -> Model:
@@ -211,7 +262,9 @@ class Pipeline:
                              experimental=a.experimental, exact=a.exact, summary=a.summary())
 
     def adapt_needs(self) -> StepNeeds | None:
-        if self.adapter is None:
+        """The working copy's disk and RAM, from the local shards' headers; None without an adapter or
+        before the weights are local."""
+        if self.adapter is None or not self.has_local_weights():
             return None
         from quantkit.archs import adapters
         from quantkit.archs.adapters import workcopy
@@ -325,17 +378,26 @@ class Pipeline:
             meas.check_reachable(b.bits, rng)
         return rng
 
-    def convert(self, branch: Branch) -> BranchResult:
-        """One bitrate from the measurement into WORK/out/<branch>, resumed when its job folder survives."""
+    def convert_job(self, branch: Branch) -> conv.ConvertJob:
+        """The converter job for one bitrate (the calibration set must exist: `calibration_set()`)."""
+        s = self.settings
+        return conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
+                               output_dir=self.work.out(branch.name), bits=branch.bits, head_bits=branch.head_bits,
+                               calibration=self.work.calibration / calibration.PARQUET_NAME, rows=s.rows, length=s.length)
+
+    def convert(self, branch: Branch, *, converter: conv.Converter | None = None) -> BranchResult:
+        """One bitrate from the measurement into WORK/out/<branch>, resumed when its job folder survives.
+
+        `converter` replaces the pipeline's own for this call: quantkit.parallel gives each branch one
+        pinned to its GPU, so several branches can convert at once from threads.
+        """
         s = self.settings
         cal = self.calibration_set()
         _m, rng, prov = self.analysis()
         meas.check_reachable(branch.bits, rng)
         step = convert_step(branch.name)
         out = self.work.out(branch.name)
-        job = conv.ConvertJob(model_dir=self.input_dir, work_dir=self.work.job(branch.name), measurement=self.work.measurement,
-                              output_dir=out, bits=branch.bits, head_bits=branch.head_bits, calibration=cal.parquet,
-                              rows=s.rows, length=s.length)
+        job = self.convert_job(branch)
         done = read_branch_provenance(out) if self.state.done(step) and conv.is_finished(job) else None
         if done is not None:
             self.remove_scratch(job)  # a run killed between finishing and cleaning up
@@ -347,11 +409,12 @@ class Pipeline:
         self._emit(step, None)
         self.state.mark(step, "running", bits=branch.bits, head_bits=branch.head_bits)
         try:
-            result = self.converter.run(job, on_line=lambda line: self._emit(step, line))
+            result = (converter or self.converter).run(job, on_line=lambda line: self._emit(step, line))
         except Exception:
             self.state.mark(step, "failed")
             raise
-        self.converter_seconds += result.seconds
+        with self._seconds_lock:
+            self.converter_seconds += result.seconds
         head_weights = self.model.shape.hidden * self.model.shape.vocab
         achieved = fin.achieved_bits(out, decoder_weights=rng.decoder_weights, head_weights=head_weights)
         record = BranchProvenance(

@@ -207,8 +207,9 @@ class Pick(BaseModel):
     bits: float
     head_bits: int
     cache: str
-    context: int
-    total_bytes: int
+    context: int  # the context picked: the target, or the fallback
+    max_context: int  # the longest context this branch and cache hold on the card (up to the search limit)
+    total_bytes: int  # at `context`
     spare_bytes: int  # the card less the estimate less the headroom
     beyond_native: bool
     tight: bool
@@ -299,7 +300,7 @@ def fit_gpu(model: Model, branches: list[Branch], caches: list[CacheMode], gpu_b
         comfortable = [(r, t) for r, t in held if budget - t >= TIGHT_MARGIN_BYTES]
         best, t = max(comfortable or held, key=lambda x: (x[0].bits, -CACHE_RANK[CacheMode(x[0].cache)]))
         pick = Pick(branch=best.branch, bits=best.bits, head_bits=best.head_bits, cache=best.cache, context=ctx,
-                    total_bytes=t, spare_bytes=budget - t, beyond_native=ctx > native,
+                    max_context=best.max_context, total_bytes=t, spare_bytes=budget - t, beyond_native=ctx > native,
                     tight=budget - t < TIGHT_MARGIN_BYTES)
         break
     bare = None
@@ -313,7 +314,7 @@ def fit_gpu(model: Model, branches: list[Branch], caches: list[CacheMode], gpu_b
         reason = "the highest bitrate that holds the target context, with the best cache that fits"
     else:
         reason = f"nothing holds {target} tokens, so the longest context something holds, at the highest bitrate"
-    caveats = pick_caveats(model, pick, target=target, native=native, headroom_bytes=headroom_bytes, caches=caches,
+    caveats = pick_caveats(model, pick, target=target, asked=target_context is not None, native=native, headroom_bytes=headroom_bytes, caches=caches,
                            loader=loader, flash_attn=flash_attn, adapter_note=adapter_note, branches=branches)
     if bare is not None:
         caveats.insert(0, f"with nothing else on the GPU (--headroom 0), {bare.branch} with {bare.cache.upper()} cache "
@@ -328,7 +329,7 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f} GiB"
 
 
-def pick_caveats(model: Model, pick: Pick | None, *, target: int, native: int, headroom_bytes: int,
+def pick_caveats(model: Model, pick: Pick | None, *, target: int, asked: bool, native: int, headroom_bytes: int,
                  caches: list[CacheMode], loader: Loader, flash_attn: bool, adapter_note: bool,
                  branches: list[Branch]) -> list[str]:
     """Every caveat the table shows, in words, for the one sentence a user reads."""
@@ -342,7 +343,8 @@ def pick_caveats(model: Model, pick: Pick | None, *, target: int, native: int, h
         out.append(f"beyond the native {native} tokens: load with RoPE scaling x{scale:.3g} "
                    f"(scale_alpha_value ~{rope_alpha(scale):.2f}, or scale_pos_emb {scale:.3g}); quality degrades there")
     elif pick.context < target:
-        out.append(f"shorter than the {target} tokens asked for: nothing holds that on this card")
+        wanted = f"the {target} tokens asked for" if asked else f"the native {target} tokens"
+        out.append(f"shorter than {wanted}: nothing holds that on this card")
     elif pick.context < native:
         out.append(f"below the native {native} tokens, as asked")
     if pick.tight:

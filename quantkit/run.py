@@ -25,15 +25,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from quantkit import guards
+from quantkit import EXLLAMAV2_VERSION, guards
 from quantkit.branches import branches_from_tables, default_branches, load_branch_file
 from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
 from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
 from quantkit.model import Model
+from quantkit.parallel import SlotPlan, convert_parallel
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
 from quantkit.plan import make_plan
 from quantkit.publish import BackgroundPublisher, PublishOptions, choose_target
 from quantkit.publish.engine import published
+from quantkit.units import format_gib
 from quantkit.vram import CacheMode
 
 DRY_RUN_CONTEXT = 4096
@@ -150,6 +152,7 @@ class DryRun(BaseModel):
     note: str
     publish_target: str
     publish_warnings: list[str]
+    needs: list[str] = []  # what a real run needs that planning did not: weights, GPU, disk
 
 
 def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
@@ -182,15 +185,42 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     reachable = None
     unreachable: list[str] = []
     note = "reachable bitrates are known once the measurement exists"
-    try:
-        _meas, rng, _prov = p.analysis()
-        reachable = (rng.low, rng.high)
-        unreachable = [b.name for b in s.branches if not rng.contains(b.bits)]
-        note = "reachable bitrates from the measurement"
-    except QuantkitError:
-        pass
+    if p.work.measurement.is_file() and not p.has_local_weights():
+        note = "reachable bitrates are checked against the model once its weights are here"
+    elif p.work.measurement.is_file():
+        try:
+            _meas, rng, _prov = p.analysis()
+            reachable = (rng.low, rng.high)
+            unreachable = [b.name for b in s.branches if not rng.contains(b.bits)]
+            note = "reachable bitrates from the measurement"
+        except QuantkitError:
+            pass
     return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note,
-                  publish_target=target, publish_warnings=warnings)
+                  publish_target=target, publish_warnings=warnings, needs=run_needs(p, steps))
+
+
+def run_needs(p: Pipeline, steps: list[DryStep]) -> list[str]:
+    """What a real run needs beyond what planning read: the weights, a GPU with exllamav2, the disk."""
+    m = p.model
+    said: list[str] = []
+    weights = sum(t.nbytes for t in m.tensors.values())
+    if m.path is None:
+        size = f"{format_gib(weights)} of" if weights else "its"
+        said.append(f"weights: {size} safetensors, downloaded from the Hub ({m.ref}) into the Hugging Face cache")
+    elif not p.has_local_weights():
+        said.append(f"weights: {m.path} holds no *.safetensors; put the model's safetensors shards there "
+                    "(exllamav2 converts only safetensors)")
+    if p.adapter is not None and not p.has_local_weights():
+        said.append("adapt: its disk need is known once the weights are here")
+    pending = [x.needs for x in steps if x.needs is not None and not x.status.startswith("done")]
+    if any(n.vram_bytes for n in pending):
+        vram = max(n.vram_bytes for n in pending)
+        said.append(f"GPU: an NVIDIA GPU with about {format_gib(vram)} free and exllamav2 {EXLLAMAV2_VERSION} "
+                    "(pip install 'quantkit-exl2[exl2]')")
+    if pending:
+        # Each step's scratch is freed before the next, except the outputs; the largest step bounds it.
+        said.append(f"disk: {format_gib(max(n.disk_bytes for n in pending))} free in {p.work.root} for the largest step")
+    return said
 
 
 def _published_status(work: Path, branch: str, target_id: str) -> str:
@@ -202,9 +232,12 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
     return f"failed: {record.error or 'unknown'}"
 
 
-def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[BranchResult]:
+def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, *, slots: SlotPlan | None = None) -> list[BranchResult]:
     """calibration -> measure -> (all branches checked reachable) -> convert each, and with a publisher:
     main once the measurement exists, then each branch uploading while the next one converts.
+
+    With `slots` (quantkit.parallel), the branches convert side by side, one per GPU, and each is
+    handed to the publisher as it finishes.
 
     An upload that failed is raised (PublishFailed) after the conversion in flight finishes; the
     worker is joined before this returns or raises.
@@ -212,6 +245,19 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None) -> list[B
     p.calibration_set()
     p.measure()
     p.check_branches(p.settings.branches)
+    if slots is not None:
+        if publisher is None:
+            return convert_parallel(p, p.settings.branches, slots)
+        with publisher:
+            publisher.begin()
+
+            def hand_over(r: BranchResult) -> None:
+                publisher.check()  # an earlier upload failed: start no further conversion
+                publisher.submit(r.branch)
+
+            results = convert_parallel(p, p.settings.branches, slots, on_done=hand_over)
+            publisher.finish()
+        return results
     if publisher is None:
         return [p.convert(b) for b in p.settings.branches]
     results = []

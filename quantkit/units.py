@@ -35,6 +35,18 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def parse_gpu_size(text: str) -> int:
+    """A card's memory: a size as `parse_size` reads it, or a bare number of GiB ("12" is a 12 GiB card:
+    no card has 12 bytes)."""
+    try:
+        value = float(text)
+    except ValueError:
+        return parse_size(text)
+    if not value > 0 or value != value or value == float("inf"):
+        raise InvalidSize(text)
+    return int(value * 1024**3)
+
+
 def parse_bits(text: str) -> float:
     try:
         value = float(text)

@@ -160,6 +160,8 @@ class StepInfo(_Frozen):
     model_fingerprint: str | None = None  # adapt: the source the working copy was made from
     written_bytes: int | None = None  # adapt
     files: int | None = None  # adapt
+    node: str | None = None  # on a cluster: the node that ran the step
+    error: str | None = None  # failed: why, when the run knows
 
 
 class StepState(_Frozen):
@@ -339,8 +341,9 @@ class State:
     def mark(self, step: str, status: Status, **info: Any) -> None:
         merged = self.get(step).info.model_copy(update=info)
         self.steps[step] = StepState(status=status, updated=now(), info=StepInfo.model_validate(merged.model_dump()))
-        steps = dict(self.steps)
-        update_state(self.work.root, lambda s: s.model_copy(update={"steps": steps}))
+        # The steps are copied under the file lock: branches converting side by side (quantkit.parallel)
+        # mark from several threads, and the last writer must not put back an older copy.
+        update_state(self.work.root, lambda s: s.model_copy(update={"steps": dict(self.steps)}))
 
     def reset(self, step: str) -> None:
         if step in self.steps:

@@ -72,6 +72,9 @@ SAMPLES = [
     (e.MeasurementCorrupt(Path("w/measurement.json"), "not JSON"), "not JSON; run `quantkit measure` again"),
     (e.MeasurementMismatch(Path("m.json"), "rows", 100, 200), "its rows is 100, here 200; measure this model"),
     (e.UnreachableBits(9.0, 2.1, 8.04), "9 bpw cannot be reached with this measurement: it reaches 2.100 to 8.040 bpw"),
+    (e.NoSuchGpu("5", ["0", "1"]), "--gpus names GPU 5, which this machine does not show (visible: 0, 1): pass ids from `nvidia-smi -L`"),
+    (e.NoSuchGpu("all", []), "(visible: none)"),
+    (e.ClusterUnreachable("ray://h:10001", "connection refused"), "the Ray cluster at ray://h:10001 does not answer (connection refused): start it"),
     # work folder
     (e.WorkFolderMismatch(Path("w"), "a/b", "c/d"), "w holds work for a/b, not c/d: use another --work"),
     (e.WorkFolderBusy(Path("w"), 4242, "quantkit run r.toml"), "w is in use by PID 4242 (quantkit run r.toml): wait for it"),
@@ -82,6 +85,8 @@ SAMPLES = [
     (e.MeasurementMissing(Path("w")), "run `quantkit measure MODEL --work w` first"),
     (e.SettingsLocked("rows", 100, 200), "rows changed from 100 to 200, which would invalidate finished work"),
     (e.DiskTooSmall(Path("w"), 10 * GiB, GiB // 2), "w has 0.5 GiB free but the plan needs 10.0 GiB: free space"),
+    (e.ClusterTasksFailed({"tiny:convert:8": e.NoWeights(Path("/m"), "*.safetensors")}),
+     "1 cluster task(s) failed, the others finished: tiny:convert:8: no weights in /m"),
     # publish
     (e.InvalidRepoId("a b", "bad"), "USER/NAME, e.g. --repo alice/"),
     (e.InvalidRepoId("a", "it must be exactly USER/NAME", "--base-model"), "e.g. --base-model meta-llama/"),

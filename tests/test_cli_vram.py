@@ -36,6 +36,32 @@ def test_json_is_one_row_per_bits_cache_context(llama3):
         (b, c, x) for b in ("8_0", "6_5", "5_0") for c in ("fp16", "q4") for x in (4096, 8192)}
 
 
+def test_json_carries_everything_scripts_need(llama3):
+    r = run("vram", llama3, "--format", "json", "--gpu", "12GiB", "--loader", "autosplit", "--no-flash-attn")
+    data = json.loads(r.stdout)
+    assert data["schema_version"] == 2
+    assert data["native_context"] == 8192 and data["architecture"] == "LlamaForCausalLM"
+    assert data["weights_from"] == "bits x parameters" and data["embeddings_ram_bytes"] == 128256 * 4096 * 2
+    a = data["assumptions"]
+    assert (a["loader"], a["flash_attn"], a["paged"], a["chunk_size"], a["generator"]) == ("autosplit", False, False, 2048, "dynamic")
+    assert a["cuda_context_bytes"] == 600 * 1024**2
+    assert any("beyond llama3's native context" in w for w in data["warnings"])
+    assert any("without flash-attn" in w for w in data["warnings"])
+    assert {r["beyond_native"] for r in data["rows"] if r["context"] > 8192} == {True}
+    assert {r["beyond_native"] for r in data["rows"] if r["context"] <= 8192} == {False}
+    fit = data["fit"]
+    assert fit["native_context"] == 8192 and fit["headroom_bytes"] == 512 * 1024**2 and fit["sentence"].startswith("Pick: ")
+    assert "load_autosplit" in fit["sentence"] and "without flash-attn" in fit["sentence"]
+
+
+def test_markdown_marks_cells_beyond_native(llama3):
+    r = run("vram", llama3, "--format", "markdown", "--context", "8k,16k")
+    row = next(line for line in r.stdout.splitlines() if line.startswith("8_0 |"))
+    assert row.split(" | ")[3:5] == ["9.6 GiB", "10.6 GiB †"]
+    assert "† beyond the model's native context (8192 tokens): it needs RoPE scaling" in r.stdout
+    assert "†" not in run("vram", llama3, "--format", "markdown", "--context", "4k,8k").stdout
+
+
 def test_markdown_is_the_seed_cards_table(llama3):
     r = run("vram", llama3, "--format", "markdown")
     assert r.exit_code == 0
@@ -114,6 +140,11 @@ BAD_INPUT = [
     (lambda t, m: ["vram", _corrupt_shard(t)], 1, "header cannot be parsed"),
     (lambda t, m: ["vram", m, "--gpu", "lots"], 1, "GPU size 'lots' does not parse"),
     (lambda t, m: ["vram", m, "--format", "yaml"], 2, "Invalid value for '--format'"),
+    (lambda t, m: ["vram", m, "--gpu", "12GiB", "--headroom", "lots"], 1, "headroom 'lots' does not parse; write it like 1GiB"),
+    (lambda t, m: ["vram", m, "--gpu", "8GiB", "--headroom", "8GiB"], 1, "headroom '8GiB' is not smaller than the 8GiB card"),
+    (lambda t, m: ["vram", m, "--gpu", "8GiB", "--headroom", "-1GiB"], 1, "headroom '-1GiB' does not parse"),
+    (lambda t, m: ["vram", m, "--loader", "exllama"], 1, "unknown loader 'exllama': use one of tabby, autosplit"),
+    (lambda t, m: ["vram", m, "--context", "1000000000000"], 1, "is beyond 10,000,000 tokens"),
 ]
 
 

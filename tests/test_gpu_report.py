@@ -126,6 +126,23 @@ def test_the_quantkit_vram_call_matches_the_estimator(work) -> None:
     assert got == want
 
 
+def test_the_estimate_assumes_the_measured_loader(work) -> None:
+    """measure_vram.py loads with --loader and compares with `quantkit vram --loader` of the same name, and
+    with --no-flash-attn when the machine has no flash-attn."""
+    from quantkit.vram import Loader
+
+    _, w = work
+    b = vr.discover_branches("m", w)[1]
+    argv = vr.quantkit_vram_argv(b.path, bits=b.bits, head_bits=b.head_bits, contexts=[4096], caches=["fp16"], loader="autosplit", flash_attn=False)
+    assert argv[argv.index("--loader") + 1] == "autosplit" and "--no-flash-attn" in argv
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    got = vr.run_quantkit_vram(b.path, bits=b.bits, head_bits=b.head_bits, contexts=[4096], caches=["fp16"],
+                               loader="autosplit", flash_attn=False, env=env)
+    model = load_model(b.path)
+    assert got == {("fp16", 4096): estimate(model, bits=5.0, head_bits=6, context=4096, cache=CacheMode.FP16,
+                                            loader=Loader.AUTOSPLIT, flash_attn=False).total}
+
+
 def test_a_failing_quantkit_vram_call_says_which(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     with pytest.raises(RuntimeError, match="vram"):

@@ -123,4 +123,12 @@ def test_falls_back_to_a_shorter_context(tmp_path):
     m = load_model(seed_folder(tmp_path, "llama3-iterative-dpo-8b"))
     fit = fit_gpu(m, default_branches(), list(PICK_CACHES), int(6.9 * GiB))
     assert fit.pick is not None and fit.pick.context < 8192
-    assert "shorter than the 8192 tokens asked for" in fit.sentence
+    assert "shorter than the native 8192 tokens" in fit.sentence
+    asked = fit_gpu(m, default_branches(), list(PICK_CACHES), int(6.9 * GiB), target_context=8192)
+    assert "shorter than the 8192 tokens asked for" in asked.sentence
+
+
+@pytest.mark.parametrize("gpu", ["12", "12GiB", "12GB", "12G", "12288MiB"])
+def test_gpu_size_spellings(tmp_path, gpu):
+    r = CliRunner().invoke(cli, ["vram", str(seed_folder(tmp_path, "llama3-iterative-dpo-8b")), "--gpu", gpu, "--format", "json"])
+    assert json.loads(r.stdout)["fit"]["gpu_bytes"] == 12 * GiB

@@ -8,16 +8,18 @@ import pytest
 from safetensors.numpy import save_file
 
 from conftest import FIXTURES, model_folder
-from quantkit.errors import CorruptSafetensors, InvalidBits, InvalidContext, InvalidHeadBits, UnknownCacheMode
+from quantkit.errors import CorruptSafetensors, InvalidBits, InvalidContext, InvalidHeadBits, UnknownCacheMode, UnknownLoader
 from quantkit.model import load_model
 from quantkit.vram import (
     CUDA_CONTEXT_BYTES,
     MAX_DQ_SIZE,
     CacheMode,
+    Loader,
     estimate,
     kv_cache_bytes,
     lm_head_bytes,
     parse_cache,
+    parse_loader,
     rope_bytes,
     scratch_bytes,
 )
@@ -132,3 +134,50 @@ def test_parse_cache():
     assert parse_cache(" Q4 ") is CacheMode.Q4
     with pytest.raises(UnknownCacheMode):
         parse_cache("q5")
+
+
+# ---- the loader's peak and flash-attn -------------------------------------------------------------------
+
+
+def test_tabby_loader_peaks_at_serving(llama3):
+    """load() + a prefill-only test forward: nothing held beyond serving (no logits, no reserves)."""
+    e = estimate(llama3, bits=8.0, head_bits=8, context=8192, cache=CacheMode.FP16)
+    assert e.loader is Loader.TABBY and e.components["load_transient"] == 0
+
+
+def test_autosplit_adds_its_reserves_and_test_forward_logits(llama3):
+    tabby = estimate(llama3, bits=8.0, head_bits=8, context=8192, cache=CacheMode.FP16)
+    auto = estimate(llama3, bits=8.0, head_bits=8, context=8192, cache=CacheMode.FP16, loader=Loader.AUTOSPLIT)
+    # model.py load_autosplit_gen: 192 MiB + 256 MiB reserves; (1, 2048, 128256) fp16 logits at the head.
+    assert auto.components["load_transient"] == 448 * MiB + 2048 * 128256 * 2
+    assert 0.85 * GiB < auto.total - tabby.total < 0.95 * GiB  # "~0.9 GiB above the estimate for Llama-3-8B"
+    # max_input_len is capped at max_seq_len first: a 1k context test-forwards 1k rows
+    small = estimate(llama3, bits=8.0, head_bits=8, context=1024, cache=CacheMode.FP16, loader=Loader.AUTOSPLIT)
+    assert small.components["load_transient"] == 448 * MiB + 1024 * 128256 * 2
+
+
+def test_without_flash_attn_kv_is_copied_per_query_head(llama3, tmp_path):
+    flash = estimate(llama3, bits=6.5, head_bits=8, context=32768, cache=CacheMode.FP16)
+    none = estimate(llama3, bits=6.5, head_bits=8, context=32768, cache=CacheMode.FP16, flash_attn=False)
+    # attn.py repeat_kv: K and V as (1, 32 heads, 32768, 128) fp16 = 0.5 GiB at 32k
+    assert none.components["attention_copies"] == 2 * 32 * 32768 * 128 * 2 == GiB // 2
+    assert flash.components["attention_copies"] == 0
+    mha = load_model(model_folder(tmp_path, {"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2, "hidden_size": 256,
+                                             "intermediate_size": 512, "num_attention_heads": 4, "vocab_size": 100}, "mha"))
+    # no GQA: repeat_kv returns its input, nothing is copied
+    assert estimate(mha, bits=6.5, head_bits=8, context=4096, cache=CacheMode.FP16, flash_attn=False).components["attention_copies"] == 0
+
+
+def test_prefill_activations_are_the_allocated_tensors(llama3):
+    """x, q, k, v and the attention output of a 2048-token chunk (~0.055 GiB for Llama-3-8B), not the
+    temp_attn_size budget."""
+    act = estimate(llama3, bits=6.5, head_bits=8, context=32768, cache=CacheMode.FP16).components["activations"]
+    tensors = 2048 * (4096 + (32 + 2 * 8) * 128 + 32 * 128) * 2
+    assert tensors <= act <= tensors + 2048 * 32 * 4 + 128256 * 2
+    assert 0.05 * GiB < act < 0.06 * GiB
+
+
+def test_unknown_loader():
+    assert parse_loader(" Autosplit ") is Loader.AUTOSPLIT
+    with pytest.raises(UnknownLoader):
+        parse_loader("exllama")

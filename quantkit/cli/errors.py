@@ -43,6 +43,10 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.UnknownPromptFormat, lambda x: f"prompt format {x.value!r} is neither a known name nor a format containing {{prompt}}: use one of {', '.join(x.known)}, or e.g. --prompt-format '### User:\\n{{prompt}}\\n### Assistant:\\n'"),
     row(e.RecipeUnreadable, lambda x: f"recipe {x.path}: {x.reason}; see `quantkit run --help` for the format"),
     row(e.MissingExtra, lambda x: f"{x.package} is needed to {x.purpose}: pip install {x.package}"),
+    row(e.NoSuchGpu, lambda x: f"--gpus names GPU {x.gpu}, which this machine does not show (visible: {', '.join(x.visible) or 'none'}): "
+                               "pass ids from `nvidia-smi -L` (or from CUDA_VISIBLE_DEVICES when it is set), e.g. --gpus 0,1"),
+    row(e.ClusterUnreachable, lambda x: f"the Ray cluster at {x.address} does not answer ({x.reason}): start it (`ray start --head`) "
+                                        "or pass its address, e.g. --cluster ray://HEAD:10001"),
     row(e.InvalidBranchName, lambda x: f"branch name {x.name!r}" + (f" in {x.source}" if x.source else "") + " is not allowed: use letters, digits, '.', '_' and '-', starting with a letter or digit, without '..' (like 6_5 or 6.5bpw)"),
     row(e.DuplicateBranchName, lambda x: f"branch name {x.name!r} is given twice" + (f" in {x.source}" if x.source else "") + ": give each branch its own name (two bitrates would share one folder and one Hub branch)"),
     row(e.RecipeUnknownKey, lambda x: f"recipe {x.path}: unknown key {x.key!r} in {x.table}: fix its spelling or remove it (known: {', '.join(x.known)})"),
@@ -105,6 +109,9 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.BranchVerifyFailed, lambda x: f"{x.target} branch {x.branch} does not hold what was committed (missing: {', '.join(x.missing) or 'none'}; unexpected: {', '.join(x.unexpected) or 'none'}); rerun `quantkit publish` to finish it"),
     row(e.GitFailed, lambda x: f"git {' '.join(x.args_[:3])} failed: {x.reason}; check the local target repository"),
     row(e.LocalTargetDirty, lambda x: f"{x.path} has uncommitted changes ({', '.join(x.files[:5])}): commit or stash them, or pick another --to folder"),
+    row(e.ClusterTasksFailed, lambda x: f"{len(x.failures)} cluster task(s) failed, the others finished: "
+                                        + "; ".join(f"{k}: {format_error(v)}" for k, v in x.failures.items())
+                                        + " (rerun the same command: it redoes only what is missing)"),
     row(e.PublishFailed, lambda x: f"branch {x.branch} was converted but not published to {x.target}: {format_error(x.cause)} "
                                         "(rerun `quantkit run RECIPE`: it publishes only what is missing)"),
 ])

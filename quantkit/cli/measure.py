@@ -8,10 +8,12 @@ import click
 from rich.table import Table
 
 from quantkit.branches import Branch, branches_for
+from quantkit.cli.gpus import gpus_from, gpus_option, measuring_converter, slots
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
 from quantkit.errors import InvalidCount
 from quantkit.guards import check_work_folder, local_model_dir
+from quantkit.parallel import convert_parallel
 from quantkit.pipeline import Pipeline, Settings
 from quantkit.workfolder import read_settings
 from quantkit.units import parse_bits, split_list
@@ -86,8 +88,9 @@ def measure(model: str, work: Path, calibration: str | None, calibration_source:
 @click.option("--bits", default="8.0,6.5,5.0", show_default=True, help="Comma-separated target bitrates, one branch each.")
 @click.option("--head-bits", type=int, default=8, show_default=True, help="lm_head bits: 2, 3, 4, 5, 6 or 8.")
 @click.option("--rows", type=int, help="Calibration rows for the quantization pass (exllamav2 -r; default 100).")
+@gpus_option
 @force_option
-def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None, force_settings: bool) -> None:
+def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None, gpus: str | None, force_settings: bool) -> None:
     """Convert MODEL to each bitrate from the one measurement in WORK (exllamav2 `-m`).
 
     Each bitrate gets WORK/jobs/<branch> (kept, so a crash resumes mid-conversion) and a cleaned,
@@ -95,16 +98,21 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
     quantization_config and quantkit.json provenance. Before any GPU work it refuses a measurement
     from another model and bitrates the measurement cannot reach.
 
+    With several GPUs (--gpus, or all visible by default) each bitrate converts in its own converter
+    process pinned to one GPU, as many at once as there are GPUs and as the system RAM allows.
+
     \b
     Examples:
       quantkit convert ./Llama-3-8B --work work/llama3
       quantkit convert ./Llama-3-8B --work work/llama3 --bits 4.0,3.5 --head-bits 6
+      quantkit convert ./Llama-3-8B --work work/llama3 --bits 8.0,6.5,5.0 --gpus 0,1,2
     """
     out = Output()
     check_head_bits(head_bits)
     brs: list[Branch] = branches_for([parse_bits(x) for x in split_list(bits)], head_bits)
     if not brs:
         raise click.BadParameter("give at least one bitrate", param_hint="--bits")
+    chosen = gpus_from(gpus)  # a GPU that does not exist is refused before anything starts
     s = _settings(model, work, rows=_count("rows", rows)).model_copy(update={"branches": brs})
     check_work_folder(work, local_model_dir(model))
     with work_lock(work, command_line("convert", model, "--work", work)), StepProgress(out) as view:
@@ -112,7 +120,8 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
         say_adapter(out, p)
         p.lock(force=force_settings)
         rng = p.check_branches(brs)  # all of them, before the first conversion starts
-        results = [p.convert(b) for b in brs]
+        plan = slots(out, p, brs, chosen)
+        results = convert_parallel(p, brs, plan) if plan else [p.convert(b) for b in brs]
     t = Table(title=f"EXL2 branches in {p.work.root / 'out'} (reachable {rng.low:.3f}-{rng.high:.3f} bpw)")
     for col in ("Branch", "Target", "Achieved (decoder)", "Head", "Size", "Folder"):
         t.add_column(col)

@@ -9,13 +9,14 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from quantkit.cli.gpus import gpus_from, gpus_option, measuring_converter, slots
 from quantkit.cli.measure import say_adapter
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
 from quantkit.cli.publish import say_report
 from quantkit.pipeline import Pipeline
 from quantkit.publish import BackgroundPublisher, PublishOptions
-from quantkit.run import check_run_paths, load_run_recipe, publish_options, run_all
+from quantkit.run import RunRecipe, check_run_paths, load_run_recipe, publish_options, run_all
 from quantkit.run import dry_run as plan_dry_run
 from quantkit.source import check_hub_id
 from quantkit.units import format_gib
@@ -23,10 +24,17 @@ from quantkit.worklock import command_line, work_lock
 
 
 @click.command()
-@click.argument("recipe", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--work", type=click.Path(path_type=Path, file_okay=False), help="The work folder (default: the recipe's `work`).")
+@click.argument("recipes", nargs=-1, required=True, metavar="RECIPE...", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--work", type=click.Path(path_type=Path, file_okay=False), help="The work folder (default: the recipe's `work`); one RECIPE only.")
 @click.option("--dry-run", is_flag=True, help="Print the steps, their disk/RAM/VRAM and the reachable bitrates; run nothing.")
 @click.option("--force-settings", is_flag=True, help="Allow settings that invalidate finished work; redoes those steps.")
+@gpus_option
+@click.option("--cluster", metavar="ADDRESS",
+              help="Run on a Ray cluster (pip install 'quantkit-exl2[ray]'): ray://HOST:PORT, HOST:PORT or `auto`. "
+                   "Each measurement and each branch conversion is a task needing one GPU; several RECIPEs form one queue.")
+@click.option("--node-work", metavar="DIR",
+              help="With --cluster: the folder on each node for its tasks' converter work (default: $QUANTKIT_NODE_WORK, "
+                   "else quantkit-cluster in the node's temporary folder).")
 @click.option("--repo", help="Publish to this Hub repo USER/NAME (overrides the recipe's [publish] repo; needs a token).")
 @click.option("--to", "to", type=click.Path(path_type=Path, file_okay=False),
               help="Publish into this local git repository instead of the Hub (overrides the recipe's [publish] to).")
@@ -37,8 +45,9 @@ from quantkit.worklock import command_line, work_lock
 @click.option("--keep-temp", is_flag=True, help="Keep the converter's scratch (out_tensor, calibration states) after each verified step.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="json: print the branches converted and what was committed where, as JSON on stdout.")
-def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool, repo: str | None, to: Path | None,
-        private: bool, force: bool, base_model: str | None, no_base_model: bool, keep_temp: bool, fmt: str) -> None:
+def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_settings: bool, gpus: str | None,
+        cluster: str | None, node_work: str | None, repo: str | None, to: Path | None, private: bool, force: bool,
+        base_model: str | None, no_base_model: bool, keep_temp: bool, fmt: str) -> None:
     """Run RECIPE: calibration -> measure -> convert each branch -> publish each.
 
     Publishing works as `quantkit publish` does, and each branch uploads while the next one converts:
@@ -46,6 +55,16 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool, re
     branch lands, main's and every published branch's README are brought up to date, so the card lists
     exactly the branches that are there. Without a [publish] table (or --repo / --to) nothing is
     published. Publishing to the Hub needs a token (`hf auth login` or HF_TOKEN) and the source's Hub id.
+
+    With several GPUs (--gpus, or all visible by default) the branches convert side by side, one
+    converter process pinned to each GPU, as many at once as the system RAM allows, and each is
+    published as soon as it is converted. Several RECIPEs run one after another.
+
+    With --cluster, the measurement and each branch's conversion are Ray tasks that need one GPU,
+    and several RECIPEs form one queue over the cluster: each node fetches the model it needs (from
+    the Hub, or a path on shared storage), gets measurement.json through Ray's object store and
+    publishes the branch it converted. This machine keeps each work folder's state, so a rerun after
+    a node or driver failure redoes only what is missing.
 
     State lives in WORK/state.json (atomic writes; "published" says what landed where). After a crash
     anywhere, including mid-conversion or mid-upload, the same command resumes where it stopped and
@@ -69,29 +88,60 @@ def run(recipe: Path, work: Path | None, dry_run: bool, force_settings: bool, re
       quantkit run llama3.toml
       quantkit run llama3.toml --to /tmp/llama3-exl2 --format json
       quantkit run llama3.toml --work /scratch/llama3 --force-settings
+      quantkit run llama3.toml --gpus 0,1,2
+      quantkit run llama3.toml mistral.toml qwen.toml --cluster ray://head:10001
     """
     out = Output()
-    r = load_run_recipe(recipe)
-    folder = work or r.work
-    if folder is None:
-        raise click.BadParameter("the recipe names no `work` folder: pass --work DIR", param_hint="--work")
-    settings = r.settings if base_model is None else r.settings.model_copy(update={"base_model": check_hub_id(base_model)})
-    options = publish_options(r.publish, repo=repo, to=to, private=private, force=force, base_model=base_model,
-                              no_base_model=no_base_model)
-    check_run_paths(r.model_copy(update={"publish": options}), folder)
+    if work is not None and len(recipes) > 1:
+        raise click.BadParameter("one work folder cannot hold several recipes: give one RECIPE, or a `work` in each", param_hint="--work")
+    if (repo is not None or to is not None or base_model is not None) and len(recipes) > 1:
+        raise click.BadParameter("--repo, --to and --base-model name one model's repo: give one RECIPE, or put them in each recipe",
+                                 param_hint="--repo")
+    if base_model is not None:
+        check_hub_id(base_model)
+    jobs: list[tuple[RunRecipe, Path, Path]] = []
+    for path in recipes:  # every recipe is read before anything starts
+        r = load_run_recipe(path)
+        folder = work or r.work
+        if folder is None:
+            raise click.BadParameter(f"{path} names no `work` folder: add `work = \"DIR\"` to it, or pass --work", param_hint="--work")
+        # The command's flags over the recipe's: base_model is recorded with the settings, the rest publishes.
+        settings = r.settings if base_model is None else r.settings.model_copy(update={"base_model": base_model})
+        options = publish_options(r.publish, repo=repo, to=to, private=private, force=force, base_model=base_model,
+                                  no_base_model=no_base_model)
+        r = r.model_copy(update={"settings": settings, "publish": options})
+        check_run_paths(r, folder)
+        jobs.append((r, folder, path))
     if dry_run:
-        p = Pipeline(settings, folder)
-        say_adapter(out, p)
-        out.rich(dry_run_plan(p, options))
+        for r, folder, _ in jobs:
+            p = Pipeline(r.settings, folder)
+            say_adapter(out, p)
+            out.rich(dry_run_plan(p, r.publish))
         return
+    if cluster is not None:
+        if gpus is not None:
+            raise click.BadParameter("on a cluster Ray gives each task one GPU: drop --gpus", param_hint="--gpus")
+        from quantkit.cli.cluster import run_on_cluster
+
+        run_on_cluster(out, jobs, address=cluster, force=force_settings, node_work=node_work)
+        return
+    if node_work is not None:
+        raise click.BadParameter("--node-work goes with --cluster", param_hint="--node-work")
+    chosen = gpus_from(gpus)  # a GPU that does not exist is refused before anything starts
+    for r, folder, path in jobs:
+        _run_one(out, r, folder, path, force=force_settings, gpus=chosen, keep_temp=keep_temp, fmt=fmt)
+
+
+def _run_one(out: Output, r: RunRecipe, folder: Path, recipe: Path, *, force: bool, gpus: list[str], keep_temp: bool, fmt: str) -> None:
     start = time.monotonic()
     # A bad repo id, a missing token or an unusable --to folder fails here, before any work.
-    publisher = BackgroundPublisher(folder, options, say=out.info, warn=out.warn) if options is not None else None
+    publisher = BackgroundPublisher(folder, r.publish, say=out.info, warn=out.warn) if r.publish is not None else None
     with work_lock(folder, command_line("run", recipe)), StepProgress(out) as view:
-        p = Pipeline(settings, folder, listener=view, keep_temp=keep_temp)
+        p = Pipeline(r.settings, folder, listener=view, converter=measuring_converter(gpus), keep_temp=keep_temp)
         say_adapter(out, p)
-        p.lock(force=force_settings)
-        results = run_all(p, publisher)
+        p.lock(force=force)
+        plan = slots(out, p, r.settings.branches, gpus)
+        results = run_all(p, publisher, slots=plan)
     total = time.monotonic() - start
     report = publisher.publisher.report() if publisher is not None else None
     if fmt == "json":
@@ -129,5 +179,7 @@ def dry_run_plan(p: Pipeline, publish: PublishOptions | None) -> Table:
     if notes:
         t.caption = "\n".join([t.caption, *notes])
     t.caption += escape(f"\npublish to {d.publish_target}" + "".join(f"\nwarning: {w}" for w in d.publish_warnings))
+    if d.needs:
+        t.caption += "\na real run needs:" + "".join(f"\n  {escape(n)}" for n in d.needs)  # [exl2] is not markup
     return t
 

@@ -15,7 +15,7 @@ from quantkit.errors import InvalidHeadroom, InvalidSize
 from quantkit.model import Model, load_model
 from quantkit.plan import DEFAULT_HEADROOM_BYTES, PICK_CACHES, SCHEMA_VERSION, Fit, Plan, fit_gpu, make_plan
 from quantkit.tables import BEYOND_MARK, beyond_footnote, cache_statement, context_label, markdown_table
-from quantkit.units import branch_name, format_gib, parse_bits, parse_context, parse_size, split_list
+from quantkit.units import branch_name, format_gib, parse_bits, parse_context, parse_gpu_size, parse_size, split_list
 from quantkit.vram import Loader, achieved_bits, check_head_bits, parse_cache, parse_loader
 
 DEFAULT_CONTEXTS = "4k,8k,16k,32k"
@@ -134,7 +134,7 @@ def parse_headroom(text: str) -> int:
 @click.option("--cache", "caches", help="Comma-separated cache modes: fp16, q8, q6, q4, fp8 (table default fp16; "
                                         "--gpu considers fp16,q8,q6,q4 and never fp8).")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
-@click.option("--gpu", help="A card's memory (e.g. 12GiB): the longest context each branch holds, and which to pick.")
+@click.option("--gpu", help="A card's memory (12GiB, 12GB or just 12): the longest context each branch holds, and which to pick.")
 @click.option("--headroom", default=f"{DEFAULT_HEADROOM_BYTES / 1024**3:g}GiB", show_default=True,
               help="Memory left free on the card for the desktop and other programs (0 on a headless server).")
 @click.option("--loader", "loader_name", default=Loader.TABBY.value, show_default=True,
@@ -160,8 +160,9 @@ def vram(model: str, revision: str | None, bits: str | None, head_bits: int | No
 
     \b
     With --gpu, the pick (documented policy):
-      1. target context: the model's native context (max_position_embeddings), unless --context asks
-         for another; past native, the RoPE scaling it needs is printed;
+      1. target context: the model's native context (max_position_embeddings, or the trained length
+         of a config known to claim more), unless --context asks for another; past native, the RoPE
+         scaling it needs is printed (cells past native are marked †);
       2. caches considered: fp16, q8, q6, q4 (never fp8: the dynamic generator refuses it);
       3. within the card less --headroom: the highest bitrate first, then the better cache;
       4. if nothing holds the target: the longest context something holds (halving, down to 2048);
@@ -171,7 +172,7 @@ def vram(model: str, revision: str | None, bits: str | None, head_bits: int | No
     Examples:
       quantkit vram examples/llama3-8b
       quantkit vram examples/llama3-8b --gpu 12GiB
-      quantkit vram examples/llama3-8b --gpu 8GiB --headroom 0.5GiB --no-flash-attn
+      quantkit vram examples/llama3-8b --gpu 8GiB --headroom 1GiB --no-flash-attn
       quantkit vram examples/llama3-8b --cache fp16,q4 --format markdown
       quantkit vram examples/llama3-8b --bits 4.0,3.5 --head-bits 6 --format json
       quantkit vram turboderp/Llama-3-8B-exl2:6.0bpw --gpu 8GiB
@@ -185,7 +186,7 @@ def vram(model: str, revision: str | None, bits: str | None, head_bits: int | No
     if modes is not None and not modes:
         raise click.BadParameter("give at least one cache mode", param_hint="--cache")
     loader = parse_loader(loader_name)
-    gpu_bytes = parse_size(gpu) if gpu is not None else None
+    gpu_bytes = parse_gpu_size(gpu) if gpu is not None else None
     headroom_bytes = parse_headroom(headroom)
     if gpu_bytes is not None and headroom_bytes >= gpu_bytes:
         raise InvalidHeadroom(headroom, f"is not smaller than the {gpu} card")

@@ -218,10 +218,11 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 
 def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (Linux), so a reused PID is not mistaken for it."""
+    """The process's start time in clock ticks since boot (Linux), so a reused PID is not mistaken for
+    it; None when it is gone or a zombie (dead, waiting for its parent to reap it)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] in ("Z", "X") else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -286,10 +287,15 @@ def redo_if_corrupt(job: Job, say: Callable[[str], None]) -> bool:
 
 
 class Converter:
-    """Runs one job at a time. `on_line` sees every classified console line (status events included)."""
+    """Runs one job at a time. `on_line` sees every classified console line (status events included).
 
-    def __init__(self, command: list[str] | None = None) -> None:
+    `env` is laid over the environment of each converter process: quantkit.parallel pins one GPU per
+    conversion with `{"CUDA_VISIBLE_DEVICES": "<id>"}` (exllamav2 then sees it as cuda:0).
+    """
+
+    def __init__(self, command: list[str] | None = None, *, env: dict[str, str] | None = None) -> None:
         self.command = command or converter_command()
+        self.env = dict(env or {})
         self._proc: subprocess.Popen[str] | None = None
         self._cancelled = threading.Event()
 
@@ -334,7 +340,7 @@ class Converter:
         redo_if_corrupt(job, say)
         check_resumable(job)
         argv = self.argv(job)
-        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        env = os.environ | self.env | {"PYTHONUNBUFFERED": "1"}
         start = time.monotonic()
         stage = jobfile.job_progress(job.work_dir) or "begin"
         last_error = ""

@@ -8,6 +8,7 @@ quantkit.json records how this branch was made.
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from huggingface_hub.hf_api import parse_local_safetensors_file_metadata
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.exl2.job import output_shards
-from quantkit.files import read_json, write_json_atomic
+from quantkit.files import current_umask, read_json, write_json_atomic
 from quantkit.workfolder import BRANCH_PROVENANCE, BranchProvenance, read_branch_provenance, write_record
 
 #: Source leftovers compile.py copies that must not be published with the quant.
@@ -71,6 +72,15 @@ def achieved_bits(folder: Path, *, decoder_weights: int, head_weights: int) -> A
     return Achieved(decoder_bpw=decoder * 8 / decoder_weights, head_bpw=head * 8 / head_weights if head_weights else 0.0, bytes=total)
 
 
+def readable_modes(folder: Path) -> None:
+    """Give the converter's files the modes the umask gives: safetensors writes its files owner-only
+    (0600), which would keep the group from reading the published branch on a shared server."""
+    mode = 0o666 & ~current_umask()
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink() and stat.S_IMODE(p.stat().st_mode) != mode:
+            p.chmod(mode)
+
+
 def stale_in_source(source_dir: Path) -> list[str]:
     """What compile.py copied from `source_dir` that `remove_stale` removes: the same list whether or not
     an earlier, killed finalize already removed some of it."""
@@ -84,6 +94,7 @@ def finalize(folder: Path, provenance: BranchProvenance, *, source_dir: Path | N
     `source_dir` (the converter's `-i`) makes quantkit.json the same after a kill anywhere in here: what
     a killed first pass removed is no longer in `folder` to be seen."""
     removed = remove_stale(folder) + (stale_in_source(source_dir) if source_dir is not None else [])
+    readable_modes(folder)
     write_index(folder)
     config = read_json(folder / "config.json")
     if "quantization_config" not in config:  # missing_compiled() already refused this; keep the guard local

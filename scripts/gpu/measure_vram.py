@@ -10,9 +10,11 @@ in vram_report.py beside it and is unit-tested on CPU.
 
 How one cell is measured (also written into every vram.json row's "how_measured"):
   1. free the previous cell (generator, cache, model.unload()), gc, torch.cuda.empty_cache();
-  2. reset torch's peak statistics; build ExLlamaV2Config with max_seq_len = context, the cache class
-     (ExLlamaV2Cache / _Q8 / _Q6 / _Q4) lazily, and ExLlamaV2.load_autosplit(cache) (or --loader load:
-     model.load() then the cache); read torch.cuda.max_memory_allocated();
+  2. reset torch's peak statistics; build ExLlamaV2Config with max_seq_len = context and load the way the
+     estimate assumes (`quantkit vram --loader`, the same flag here): tabby (the default, TabbyAPI's way):
+     model.load(), the cache class (ExLlamaV2Cache / _Q8 / _Q6 / _Q4), then a prefill-only test forward of
+     max_input_len tokens; autosplit: the cache lazily, then ExLlamaV2.load_autosplit(cache); read
+     torch.cuda.max_memory_allocated();
   3. reset the peak again; run one ExLlamaV2DynamicGenerator job (a prompt of up to 2048 tokens, so one
      full max_input_len chunk, then a few greedy tokens); read max_memory_allocated() again;
   4. CUDA context = (mem_get_info total - free) - torch.cuda.memory_reserved(), read after the job, so it
@@ -118,8 +120,13 @@ def measure_cell(b: vr.BranchDir, cache_name: str, context: int, *, loader: str,
         cache = cache_cls(model, max_seq_len=seq, lazy=True)
         model.load_autosplit(cache)
     else:
+        # TabbyAPI (backends/exllamav2/model.py): load, create the cache, then "test VRAM allocation with a
+        # full-length forward pass" that stops before the lm_head.
         model.load()
         cache = cache_cls(model, max_seq_len=seq)
+        test_ids = torch.zeros((1, min(config.max_input_len, seq)), dtype=torch.long)
+        model.forward(test_ids, cache=cache, preprocess_only=True)
+        cache.current_seq_len = 0
     torch.cuda.synchronize()
     load_peak = torch.cuda.max_memory_allocated()
     reserved_peak = torch.cuda.max_memory_reserved()
@@ -182,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--contexts", default="4k,8k,16k,32k")
     ap.add_argument("--caches", default="fp16,q4,q8,q6", help="measured in this order, every model, before the next cache")
-    ap.add_argument("--loader", choices=["autosplit", "load"], default="autosplit")
+    ap.add_argument("--loader", choices=["tabby", "autosplit"], default="tabby",
+                    help="how to load, and what the compared estimate assumes (quantkit vram --loader)")
     ap.add_argument("--prompt-tokens", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--deadline", type=float, help="epoch seconds; cells not started 20 s before it are skipped")
@@ -203,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     branches: list[vr.BranchDir] = []
     estimates: dict[tuple[str, str], dict] = {}
+    # The estimate must assume what this machine does: without flash-attn the generator runs unpaged and
+    # attention copies K/V per query head (quantkit vram --no-flash-attn).
+    flash_attn = attention_backend()[1]
     for name, source, work in args.case:
         found = vr.discover_branches(name, Path(work))
         if not found:
@@ -211,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 report.branches.append(branch_record(b, Path(source)))
                 estimates[(b.model, b.branch)] = vr.run_quantkit_vram(b.path, bits=b.bits, head_bits=b.head_bits,
-                                                                      contexts=contexts, caches=caches)
+                                                                      contexts=contexts, caches=caches,
+                                                                      loader=args.loader, flash_attn=flash_attn)
                 branches.append(b)
             except Exception as exc:  # noqa: BLE001 - recorded, the other branches go on
                 report.errors.append(f"{b.model} {b.branch}: {exc.__class__.__name__}: {exc}")

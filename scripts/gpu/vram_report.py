@@ -62,7 +62,7 @@ class Measurement:
     cuda_context: int  # (mem_get_info total - free) - torch.cuda.memory_reserved(), read after the job
     allocated_before: int  # torch.cuda.memory_allocated() when the cell started (left by earlier cells)
     device_used_after: int  # mem_get_info total - free after the job, everything included
-    loader: str  # "autosplit" | "load"
+    loader: str  # "tabby" | "autosplit" (quantkit vram --loader)
     attention: str  # e.g. "flash-attn 2.7.4 paged" | "torch sdpa (unpaged)"
     prompt_tokens: int
     new_tokens: int
@@ -78,7 +78,8 @@ class Measurement:
 
 
 def how_measured(m: Measurement) -> str:
-    load = "ExLlamaV2.load_autosplit(cache)" if m.loader == "autosplit" else "ExLlamaV2.load() then the cache"
+    load = ("ExLlamaV2.load_autosplit(cache)" if m.loader == "autosplit" else
+            "ExLlamaV2.load(), the cache, then a prefill-only test forward of max_input_len tokens (TabbyAPI's way)")
     return (
         f"max(torch.cuda.max_memory_allocated() over {load}, the same over one ExLlamaV2DynamicGenerator job of "
         f"{m.prompt_tokens} prompt + {m.new_tokens} new tokens), each after torch.cuda.reset_peak_memory_stats(); "
@@ -107,13 +108,16 @@ def discover_branches(model: str, work: Path) -> list[BranchDir]:
 # ---- the estimate: `quantkit vram` ------------------------------------------------------------------
 
 
-def quantkit_vram_argv(folder: Path, *, bits: float, head_bits: int, contexts: list[int], caches: list[str]) -> list[str]:
-    """The one `quantkit vram` call the proof compares against (a converted folder: sized from its headers)."""
+def quantkit_vram_argv(folder: Path, *, bits: float, head_bits: int, contexts: list[int], caches: list[str],
+                       loader: str = "tabby", flash_attn: bool = True) -> list[str]:
+    """The one `quantkit vram` call the proof compares against (a converted folder at its own bits: sized
+    from its headers), assuming the loader and attention backend the measurement uses."""
     return [
         sys.executable, "-m", "quantkit", "vram", str(folder),
         "--bits", f"{bits:g}", "--head-bits", str(head_bits),
         "--context", ",".join(str(c) for c in contexts),
         "--cache", ",".join(caches),
+        "--loader", loader, *([] if flash_attn else ["--no-flash-attn"]),
         "--format", "json",
     ]
 
@@ -125,8 +129,10 @@ def estimates_from_vram_json(text: str) -> dict[tuple[str, int], int]:
 
 
 def run_quantkit_vram(folder: Path, *, bits: float, head_bits: int, contexts: list[int], caches: list[str],
+                      loader: str = "tabby", flash_attn: bool = True,
                       env: dict[str, str] | None = None) -> dict[tuple[str, int], int]:
-    argv = quantkit_vram_argv(folder, bits=bits, head_bits=head_bits, contexts=contexts, caches=caches)
+    argv = quantkit_vram_argv(folder, bits=bits, head_bits=head_bits, contexts=contexts, caches=caches,
+                              loader=loader, flash_attn=flash_attn)
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[2:])} failed ({done.returncode}): {done.stderr.strip()}")

@@ -9,8 +9,21 @@ Failure injection (environment):
   QK_DOUBLE_FAIL_AT     a progress name ("begin", "measure_quant", "quant", "compile", ...) or
                         "measure_quant:N" / "quant:N" (after N modules of that stage)
   QK_DOUBLE_FAIL_MODE   "exit1" (` ## ` line, os._exit(1)), "exit0" (` ## ` line, sys.exit()),
-                        "hang" (sleep until killed), "kill" (SIGKILL itself, like the OOM killer)
+                        "hang" (sleep until killed), "kill" (SIGKILL itself, like the OOM killer),
+                        "kill-parent" (SIGKILL the process that started it, then itself: a Ray worker or
+                        node dying mid-conversion)
+  QK_DOUBLE_FAIL_ONCE   a marker file: the failure fires only while it does not exist, and creates it
   QK_DOUBLE_DELAY       seconds to sleep per module (for overhead benchmarks)
+  QK_DOUBLE_JOB_SECONDS seconds one whole job takes, spread over its modules (a measurement and each
+                        conversion the same; for the parallel-branches tests and benchmark)
+  QK_DOUBLE_BARRIER     "DIR:N": a conversion (-cf) waits before quantizing until N conversions have reached
+                        that point (each leaves a file in DIR), printing "barrier passed", or after
+                        60 s "barrier timed out": proves that N converters were alive at once
+  QK_DOUBLE_ENV_FILE    a JSON object of the variables above, read at start, over the environment:
+                        lets a test change them for converters started by long-lived workers (Ray)
+
+Every run prints ` -- (double) start <unix time> CUDA_VISIBLE_DEVICES=<value>` first and
+` -- (double) end <unix time>` last, so tests can show which GPU a job saw and which jobs overlapped.
 """
 
 from __future__ import annotations
@@ -57,14 +70,34 @@ parser.add_argument("-hsol", "--hidden_state_offload_layers", type=int, default=
 parser.add_argument("-fst", "--fast_safetensors", action="store_true")
 args = parser.parse_args()
 
-FAIL_AT = os.environ.get("QK_DOUBLE_FAIL_AT", "")
-FAIL_MODE = os.environ.get("QK_DOUBLE_FAIL_MODE", "exit1")
-DELAY = float(os.environ.get("QK_DOUBLE_DELAY", "0") or 0)
+ENV = dict(os.environ)
+if ENV.get("QK_DOUBLE_ENV_FILE") and os.path.isfile(ENV["QK_DOUBLE_ENV_FILE"]):
+    with open(ENV["QK_DOUBLE_ENV_FILE"], encoding="utf8") as _f:
+        ENV.update({k: str(v) for k, v in json.load(_f).items()})
+FAIL_AT = ENV.get("QK_DOUBLE_FAIL_AT", "")
+FAIL_MODE = ENV.get("QK_DOUBLE_FAIL_MODE", "exit1")
+FAIL_ONCE = ENV.get("QK_DOUBLE_FAIL_ONCE", "")
+DELAY = float(ENV.get("QK_DOUBLE_DELAY", "0") or 0)
+JOB_SECONDS = float(ENV.get("QK_DOUBLE_JOB_SECONDS", "0") or 0)
+print(f" -- (double) start {time.time():.3f} CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}", flush=True)
+
+
+def pause(modules: int) -> None:
+    """One module's share of the job's time."""
+    time.sleep(DELAY + JOB_SECONDS / max(1, modules))
 
 
 def fail_here(point: str) -> None:
     if FAIL_AT != point:
         return
+    if FAIL_ONCE:
+        if os.path.exists(FAIL_ONCE):
+            return
+        open(FAIL_ONCE, "w").close()
+    if FAIL_MODE == "kill-parent":
+        print(f" -- (double) killing its parent {os.getppid()}", flush=True)
+        os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
     if FAIL_MODE == "hang":
         print(" -- (double) hanging", flush=True)
         while True:
@@ -248,7 +281,7 @@ def measure_quant() -> None:
         print(f" -- Layer: {key}")
         if key.endswith(("self_attn", "mlp")):
             measurement[key] = measure_module(index)
-        time.sleep(DELAY)
+        pause(len(modules) - 1)
         job["measurement"] = dict(measurement)
         job["last_module_idx"] = index
         save_job()
@@ -318,7 +351,24 @@ def q_tensors(key: str, qp: QParams, rows: int, cols: int) -> dict[str, np.ndarr
     }
 
 
+def barrier() -> None:
+    spec = ENV.get("QK_DOUBLE_BARRIER", "")
+    if not spec:
+        return
+    folder, _, n = spec.rpartition(":")
+    os.makedirs(folder, exist_ok=True)
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    deadline = time.time() + 60
+    while len(os.listdir(folder)) < int(n):
+        if time.time() > deadline:
+            print(" -- (double) barrier timed out", flush=True)
+            return
+        time.sleep(0.05)
+    print(" -- (double) barrier passed", flush=True)
+
+
 def quant() -> None:
+    barrier()
     os.makedirs(os.path.join(job["out_dir"], "out_tensor"), exist_ok=True)
     qmods = modules[1:-2]
     for n, key in enumerate(qmods):
@@ -330,7 +380,7 @@ def quant() -> None:
             rows, cols = linear_shape(f"{key}.{p}")
             out.update(q_tensors(f"{key}.{TENSOR[p]}", qp, rows, cols))
         save_file(out, os.path.join(job["out_dir"], "out_tensor", key + ".safetensors"))
-        time.sleep(DELAY)
+        pause(len(qmods))
         fail_here(f"quant:{n + 1}")
     rows, cols = linear_shape("lm_head") if "lm_head.weight" in shapes else linear_shape("model.embed_tokens")
     save_file(q_tensors("lm_head", qparams_headoptions[job["head_bits"]], rows, cols),
@@ -422,3 +472,4 @@ while True:
     if job["progress"] == "finished":
         break
 print(" -- Finished")
+print(f" -- (double) end {time.time():.3f}", flush=True)
