@@ -31,9 +31,11 @@ from quantkit.errors import (
     NotEnoughText,
     NoTextColumn,
     OutputPathInvalid,
+    RecipeUnknownKey,
     TokenizerMissing,
     UnknownCalibration,
 )
+from quantkit.chat_template import TemplateRenderError, compile_template, read_tokenizer_files, render
 from quantkit.files import check_folder_path, write_bytes_atomic, write_json_atomic
 
 Format = Literal["auto", "parquet", "jsonl", "csv", "text", "dataset"]
@@ -131,6 +133,9 @@ def load_recipe(ref: str, **overrides: Any) -> tuple[CalibrationRecipe, Path]:
         raise UnknownCalibration(ref, known_recipes())
     try:
         data = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        for key in data:  # a typo would otherwise be ignored (or said without its name)
+            if key not in CalibrationRecipe.model_fields:
+                raise RecipeUnknownKey(toml_path, key, "the calibration recipe", list(CalibrationRecipe.model_fields))
         return CalibrationRecipe(**({"name": name} | data | overrides)), toml_path.parent
     except (OSError, tomllib.TOMLDecodeError, ValidationError, TypeError) as exc:
         if isinstance(exc, ValidationError) and any(err["loc"] in (("rows",), ("length",)) for err in exc.errors()):
@@ -197,54 +202,27 @@ def load_source(recipe: CalibrationRecipe, base: Path) -> tuple[Any, str]:
 # ---- chat templates ---------------------------------------------------------------------------------
 
 
-def _special(value: Any) -> str:
-    if isinstance(value, dict):  # tokenizer_config.json may store {"content": "<s>", ...}
-        return str(value.get("content", ""))
-    return "" if value is None else str(value)
-
-
-def chat_template(model_dir: Path) -> tuple[str, dict[str, str]]:
-    """The model's chat template and its special tokens (tokenizer_config.json, or chat_template.jinja).
+def chat_template(model_dir: Path) -> tuple[Any, dict[str, str]]:
+    """The model's compiled chat template and its special tokens (`quantkit.chat_template`'s reader).
 
     Raises:
-        TokenizerMissing.
+        TokenizerMissing: the model has no chat template.
+        CalibrationUnreadable: it does not compile.
     """
-    cfg_path = model_dir / "tokenizer_config.json"
-    cfg: dict[str, Any] = {}
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ConfigUnreadable(cfg_path, f"not valid JSON ({exc.__class__.__name__})") from exc
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # named templates: transformers picks "default"
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja_file = model_dir / "chat_template.jinja"
-    if not template and jinja_file.is_file():
-        template = jinja_file.read_text(encoding="utf-8")
-    if not template:
-        raise TokenizerMissing(model_dir, "chat template (tokenizer_config.json \"chat_template\" or chat_template.jinja)")
-    tokens = {k: _special(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    return str(template), tokens
-
-
-def render_chat(template: str, messages: list[dict[str, str]], tokens: dict[str, str]) -> str:
-    """Render like transformers' `apply_chat_template(tokenize=False)`: sandboxed, trim/lstrip blocks."""
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
+    files = read_tokenizer_files(model_dir)
+    if files.chat_template is None:
+        raise TokenizerMissing(model_dir, "chat template (chat_template.jinja, tokenizer_config.json \"chat_template\" or chat_template.json)")
     try:
-        return env.from_string(template).render(messages=messages, add_generation_prompt=False, **tokens)
-    except TemplateError as exc:
+        return compile_template(files.chat_template), files.special
+    except TemplateRenderError as exc:
+        raise CalibrationUnreadable("chat template", str(exc)) from exc
+
+
+def render_chat(compiled: Any, messages: list[dict[str, str]], tokens: dict[str, str]) -> str:
+    """One conversation as text, as transformers' `apply_chat_template(tokenize=False)` gives it."""
+    try:
+        return render(compiled, messages, tokens, add_generation_prompt=False)
+    except TemplateRenderError as exc:
         raise CalibrationUnreadable("chat template", f"it fails to render a conversation ({exc})") from exc
 
 
@@ -320,7 +298,7 @@ def build(recipe: CalibrationRecipe, base: Path, model_dir: Path, out_dir: Path)
     if len(ds) == 0:
         raise CalibrationUnreadable(recipe.source, "it is empty")
     column, chat = _pick_column(ds, recipe)
-    template, specials = chat_template(model_dir) if chat else ("", {})
+    template, specials = chat_template(model_dir) if chat else (None, {})
     need = recipe.rows * recipe.length
     texts: list[str] = []
     tokens = 0
@@ -345,6 +323,8 @@ def build(recipe: CalibrationRecipe, base: Path, model_dir: Path, out_dir: Path)
         write_bytes_atomic(parquet, buf.getvalue().to_pybytes())
     except (FileExistsError, NotADirectoryError) as exc:
         raise OutputPathInvalid(out_dir, "a file is in the way of this folder") from exc
+    except PermissionError as exc:
+        raise OutputPathInvalid(out_dir, f"cannot write there ({exc.strerror})") from exc
     manifest = Manifest(
         name=recipe.name, source=recipe.source, format=fmt, split=recipe.split, seed=recipe.seed, rows=recipe.rows,
         length=recipe.length, column=column, chat_template=chat, samples=len(texts), tokens=tokens,

@@ -23,8 +23,9 @@ from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict
 
 from quantkit import archs, hub
-from quantkit.archs import MISSING, ArchSpec, read_field
+from quantkit.archs import ArchSpec, read_field
 from quantkit.archs.adapters import AdapterPlan
+from quantkit.hfconfig import MISSING, read_config_file
 from quantkit.errors import (
     ConfigMissing,
     ConfigUnreadable,
@@ -233,21 +234,6 @@ def read_shape(config: dict[str, Any], spec: ArchSpec) -> ModelShape:
     return check_shape(shape, head_dim_given=head_dim_given)
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise ConfigMissing(path)
-    try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigUnreadable(cfg, f"cannot read it ({exc.__class__.__name__}: {exc})") from exc
-    except json.JSONDecodeError as exc:
-        raise ConfigUnreadable(cfg, f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from exc
-    if not isinstance(data, dict):
-        raise ConfigUnreadable(cfg, "not a JSON object")
-    return data
-
-
 def _headers(info: Any) -> dict[str, TensorHeader]:
     return {
         name: TensorHeader(dtype=t.dtype, shape=tuple(t.shape), nbytes=t.data_offsets[1] - t.data_offsets[0])
@@ -297,7 +283,7 @@ def load_model(ref: str | Path, *, revision: str | None = None, read_tensors: bo
     text = str(ref)
     path = Path(text).expanduser()
     if path.is_dir():
-        config = _read_config_file(path)
+        config = read_config_file(path)
         return _model(text, "folder", path, config, read_local_tensors(path) if read_tensors else {})
     if path.is_file():
         raise ConfigUnreadable(path, "a model is a folder holding config.json, not a file")
@@ -327,7 +313,7 @@ def load_hub_model(repo_id: str, *, revision: str | None = None, read_tensors: b
     api = hub.get_hf_api()
     try:
         cfg_path = api.hf_hub_download(repo_id, "config.json", revision=revision)
-        config = _read_config_file(Path(cfg_path).parent)
+        config = read_config_file(Path(cfg_path).parent)
         tensors: dict[str, TensorHeader] = {}
         if read_tensors:
             try:
@@ -370,6 +356,6 @@ def _from_cache(repo_id: str, revision: str | None, read_tensors: bool) -> Model
     if cfg is None:
         return None
     snapshot = cfg.parent
-    config = _read_config_file(snapshot)
+    config = read_config_file(snapshot)
     tensors = read_local_tensors(snapshot) if read_tensors else {}
     return _model(repo_id, "hub cache", None, config, tensors, revision)

@@ -183,7 +183,7 @@ class Pipeline:
                 self._reset(step)
             merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
             new = new.model_copy(update={"branches": list(merged.values())})
-        write_record(self.work.recipe, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir),
+        write_record(self.work.settings, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir),
                                                       source=self.source()))
 
     def source(self) -> SourceRecord:

@@ -1,21 +1,22 @@
 """The prompt format a model card shows: the source's chat template rendered with placeholders.
 
-`{system_prompt}` and `{prompt}` stand in for the messages, rendered the way transformers'
-`apply_chat_template` renders (a sandboxed jinja2 environment with `trim_blocks` and `lstrip_blocks`,
-the tokenizer's special tokens as variables, `add_generation_prompt=True`). Models without a chat
+`{system_prompt}` and `{prompt}` stand in for the messages, rendered by `quantkit.chat_template` (the
+renderer calibration uses too, with transformers' rules) with `add_generation_prompt=True`. Models without a chat
 template (older ones such as Rocket-3B or RedPajama-3B) are recognised by their special tokens; when
 nothing matches, the format is "unknown" and the user can name one with `--prompt-format`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from quantkit.chat_template import TemplateRenderError, TokenizerFiles, compile_template, read_tokenizer_files, render
 from quantkit.errors import UnknownPromptFormat
+
+__all__ = ["KNOWN_FORMATS", "PromptFormat", "TemplateRenderError", "parse_override", "prompt_format", "recognise",
+           "render_chat_template"]
 
 SYSTEM = "{system_prompt}"
 PROMPT = "{prompt}"
@@ -76,110 +77,6 @@ _NAME_RULES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
-def _token_text(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-class TokenizerFiles(BaseModel):
-    """The tokenizer facts a prompt format needs, read from the files beside config.json."""
-
-    model_config = ConfigDict(frozen=True)
-
-    chat_template: str | None
-    special: dict[str, str]  # bos_token, eos_token, ... as transformers passes them to templates
-    tokens: frozenset[str]  # every special / added token string
-    name: str  # the model's name (_name_or_path or the folder name), for formats without special tokens
-
-
-def read_tokenizer_files(folder: Path) -> TokenizerFiles:
-    cfg = _read_json(folder / "tokenizer_config.json") or {}
-    smap = _read_json(folder / "special_tokens_map.json") or {}
-    added = _read_json(folder / "added_tokens.json") or {}
-    tok = _read_json(folder / "tokenizer.json") or {}
-    config = _read_json(folder / "config.json") or {}
-
-    template: Any = cfg.get("chat_template")
-    if (folder / "chat_template.jinja").is_file():  # transformers >= 4.47 saves it as its own file
-        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    elif template is None and isinstance(ct := _read_json(folder / "chat_template.json"), dict):
-        template = ct.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-
-    # transformers' legacy load path (no added_tokens_decoder) lets special_tokens_map.json override
-    # tokenizer_config.json; the modern path keeps tokenizer_config's values.
-    legacy = "added_tokens_decoder" not in cfg
-    special: dict[str, str] = {}
-    keys = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
-    for source in ((cfg, smap) if legacy else (smap, cfg)):
-        for key in keys:
-            if (text := _token_text(source.get(key))) is not None:
-                special[key] = text
-
-    tokens: set[str] = set(special.values())
-    for source in (cfg, smap):
-        for t in source.get("additional_special_tokens") or []:
-            if (text := _token_text(t)) is not None:
-                tokens.add(text)
-    for t in (cfg.get("added_tokens_decoder") or {}).values():
-        if (text := _token_text(t)) is not None:
-            tokens.add(text)
-    if isinstance(added, dict):
-        tokens.update(k for k in added if isinstance(k, str))
-    for t in (tok.get("added_tokens") or []) if isinstance(tok, dict) else []:
-        if isinstance(t, dict) and isinstance(t.get("content"), str):
-            tokens.add(t["content"])
-    name = str(config.get("_name_or_path") or "") + " " + folder.name
-    return TokenizerFiles(
-        chat_template=template if isinstance(template, str) and template.strip() else None,
-        special=special,
-        tokens=frozenset(tokens),
-        name=name.strip(),
-    )
-
-
-class TemplateRenderError(Exception):
-    """The chat template could not be rendered into a usable prompt format (the reason is the message)."""
-
-
-def _environment() -> Any:
-    # transformers' utils/chat_template_utils.py `_compile_jinja_template`: the same settings, globals
-    # and tojson filter, so a template renders here exactly as apply_chat_template renders it.
-    from jinja2.exceptions import TemplateError
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt: str) -> str:
-        # Fixed, so a card does not change from one day to the next (Llama-3.1 prints "Today Date").
-        from datetime import datetime
-
-        return datetime(2024, 7, 26).strftime(fmt)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    return env
-
-
 def render_chat_template(template: str, special: dict[str, str]) -> str:
     """Render `template` for one system + user turn with a generation prompt, as the card shows it.
 
@@ -189,24 +86,16 @@ def render_chat_template(template: str, special: dict[str, str]) -> str:
     Raises:
         TemplateRenderError: the template does not compile, fails for a lone user turn too, or drops the prompt.
     """
-    from jinja2.exceptions import TemplateError
+    compiled = compile_template(template)
 
-    try:
-        compiled = _environment().from_string(template)
-    except TemplateError as exc:
-        raise TemplateRenderError(f"it does not compile ({type(exc).__name__}: {exc})") from exc
-
-    def render(messages: list[dict[str, str]]) -> str:
-        return compiled.render(messages=messages, add_generation_prompt=True, tools=None, documents=None, **special)
+    def _render(messages: list[dict[str, str]]) -> str:
+        return render(compiled, messages, special, add_generation_prompt=True)
 
     user = {"role": "user", "content": PROMPT}
     try:
-        text = render([{"role": "system", "content": SYSTEM}, user])
-    except Exception:  # noqa: BLE001 - any failure with a system turn: try the user turn alone
-        try:
-            text = render([user])
-        except Exception as exc:  # noqa: BLE001 - templates are user code; any error is a render failure
-            raise TemplateRenderError(f"{type(exc).__name__}: {exc}") from exc
+        text = _render([{"role": "system", "content": SYSTEM}, user])
+    except TemplateRenderError:  # any failure with a system turn: try the user turn alone
+        text = _render([user])
     if PROMPT not in text:
         raise TemplateRenderError("its output does not contain the user's message")
     bos = special.get("bos_token")

@@ -42,7 +42,9 @@ from quantkit.files import write_text_atomic
 #: The format of every record below. Bump it when a field is renamed, removed or changes meaning.
 FORMAT_VERSION = 1
 
-RECIPE = "recipe.json"
+# "recipe" is the TOML a user writes for `quantkit run`; the work folder's copy of the settings keeps
+# its first file name, because published repos and existing work folders hold it under that name.
+SETTINGS = "recipe.json"
 STATE = "state.json"
 MEASUREMENT = "measurement.json"
 PROVENANCE = "measurement.provenance.json"
@@ -55,7 +57,7 @@ class Work:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.recipe = root / RECIPE
+        self.settings = root / SETTINGS
         self.state = root / STATE
         self.calibration = root / "calibration"
         self.adapted = root / "adapted"
@@ -288,7 +290,7 @@ def _first_error(exc: ValidationError) -> str:
 
 
 def read_settings(work: Path) -> SettingsRecord | None:
-    return read_record(SettingsRecord, Work(work).recipe)
+    return read_record(SettingsRecord, Work(work).settings)
 
 
 def read_state(work: Path) -> StateRecord:
@@ -355,7 +357,7 @@ class State:
 
 
 def is_work_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / n).exists() for n in (MEASUREMENT, RECIPE, STATE, "out"))
+    return path.is_dir() and any((path / n).exists() for n in (MEASUREMENT, SETTINGS, STATE, "out"))
 
 
 def converted_branches(work: Path) -> list[str]:

@@ -113,3 +113,52 @@ def test_bad_sources_are_refused(tmp_path, tiny_llama, make, error):
 def test_rows_and_length_must_be_positive(bad):
     with pytest.raises(InvalidCount):
         cal.load_recipe("default", **bad)
+
+
+# A Llama-3.2-style template: `strftime_now` for the date and `{% break %}` (jinja's loopcontrols), which
+# transformers allows. The card and calibration render through one renderer, so both accept it.
+LLAMA32_STYLE = (
+    "{{ bos_token }}{% set date = strftime_now('%d %b %Y') %}"
+    "<|system|>\nToday Date: {{ date }}\n"
+    "{% for m in messages %}{% if loop.index > 8 %}{% break %}{% endif %}"
+    "<|{{ m.role }}|>\n{{ m.content }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja", "chat_template.json"])
+def test_card_and_calibration_render_the_same_templates(tmp_path, tiny_llama, where):
+    import shutil
+
+    from quantkit.prompt_format import prompt_format
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    if where == "tokenizer_config.json":
+        cfg["chat_template"] = LLAMA32_STYLE
+    elif where == "chat_template.jinja":
+        (model / where).write_text(LLAMA32_STYLE)
+    else:
+        (model / where).write_text(json.dumps({"chat_template": LLAMA32_STYLE}))
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (src := tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    recipe, base = cal.load_recipe(str(src), rows=2, length=64, messages_column="messages")
+    first = pq.read_table(cal.build(recipe, base, model, tmp_path / "out").parquet).column("text")[0].as_py()
+    assert first.startswith("<s><|system|>\nToday Date: 26 Jul 2024\n<|user|>\nQuestion ")
+    card = prompt_format(model)
+    assert card.source == "chat_template" and card.text.startswith("<|system|>\nToday Date: 26 Jul 2024\n<|system|>\n{system_prompt}")
+
+
+def test_a_template_that_raises_is_refused_for_calibration(tmp_path, tiny_llama):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text()) | {"chat_template": "{{ raise_exception('no system role') }}"}
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (src := tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    recipe, base = cal.load_recipe(str(src), rows=2, length=64, messages_column="messages")
+    with pytest.raises(CalibrationUnreadable, match="no system role"):
+        cal.build(recipe, base, model, tmp_path / "out")

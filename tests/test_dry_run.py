@@ -85,5 +85,5 @@ def test_hub_id_downloads_when_a_step_needs_the_weights(tmp_path: Path, hub_mode
     p.lock()
     hub_model.snapshot_download.assert_called_once()
     assert hub_model.snapshot_download.call_args.args == ("alice/tiny-llama",)
-    recorded = json.loads(p.work.recipe.read_text())
+    recorded = json.loads(p.work.settings.read_text())
     assert recorded["model_dir"] == str(tiny_llama) and recorded["settings"]["model"] == "alice/tiny-llama"

@@ -177,3 +177,18 @@ def test_a_failed_branch_lets_the_others_finish_and_the_rerun_redoes_only_it(tmp
         else:
             assert again == log  # finished branches: no converter ran again
 
+
+
+def test_the_run_command_converts_on_the_visible_gpus(tmp_path, tiny_llama, converter_double, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")  # no --gpus: all visible GPUs, as there are several
+    monkeypatch.setenv("QK_DOUBLE_BARRIER", f"{tmp_path / 'barrier'}:3")
+    text = "\n".join([f'model = "{tiny_llama}"', 'work = "w"', "rows = 2", "measurement_rows = 2", "length = 64",
+                      *(f'[[branches]]\nname = "{b:g}"\nbits = {b}' for b in BITS), "[publish]", 'to = "repo"'])
+    (tmp_path / "r.toml").write_text(text + "\n")
+    r = CliRunner().invoke(cli, ["run", str(tmp_path / "r.toml")])
+    assert r.exit_code == 0, r.output
+    assert "converting up to 3 branch(es) at once on GPU(s) 0, 1, 2" in r.output
+    work = tmp_path / "w"
+    assert sorted(runs(work / "jobs" / f"{b:g}")[0][2] for b in BITS) == ["0", "1", "2"]
+    assert all("barrier passed" in (work / "jobs" / f"{b:g}" / "quantkit-converter.log").read_text() for b in BITS)
+    assert "quantkit's own time" in r.output

@@ -120,6 +120,8 @@ CASES = [
          absent=lambda w: [w.work]),
     Case("run-branch-set-unknown-key", lambda w: RUN + [str(w.recipe('branches = "set.toml"'))], "set.toml: unknown key 'head_bit'",
          setup=lambda w: (w.tmp / "set.toml").write_text('[[branch]]\nname = "6_5"\nbits = 6.5\nhead_bit = 6\n'), absent=lambda w: [w.work]),
+    Case("calibration-recipe-unknown-key", lambda w: ["calibration", "show", str(w.tmp / "cal.toml")],
+         "cal.toml: unknown key 'sourc' in the calibration recipe", setup=lambda w: (w.tmp / "cal.toml").write_text('sourc = "x.txt"\n')),
     Case("run-branch-and-branches", lambda w: RUN + [str(w.recipe('[[branch]]\nname = "a"\nbits = 6.5\n' + BR.format("b")))],
          "both `branch` and `branches`", absent=lambda w: [w.work]),
     # ---- paths: resolved (symlinks too) and refused when they reach the model folder
@@ -244,3 +246,34 @@ def test_json_files_the_guards_read_are_quantkits_own(tmp_path, tiny_llama):
     # a work folder's recorded model is what publish --to is compared with, even after the model moved
     work = make_work(tmp_path, model_folder=tiny_llama)
     assert json.loads((work / "recipe.json").read_text())["model_dir"] == str(tiny_llama)
+
+
+@pytest.mark.parametrize("denied", ["recipe.json", ".quantkit.lock.holder.json"])
+def test_a_work_folder_that_cannot_be_written_is_one_line(denied, tmp_path, tiny_llama, converter_double, monkeypatch):
+    """As root (the test machines) chmod does not stop a write: the refusal the OS would give is injected
+    at the one rename every write ends in."""
+    from quantkit import files
+
+    real = files._commit
+
+    def commit(tmp: str, path: Path) -> None:
+        if Path(path).name == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(tmp, path)
+
+    monkeypatch.setattr(files, "_commit", commit)
+    r = CliRunner().invoke(cli, ["convert", str(tiny_llama), "--work", str(tmp_path / "w"), "--bits", "6.5"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "make the work folder writable" in r.output.strip().splitlines()[-1], r.output
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_work_folder_is_one_line(tmp_path, tiny_llama, converter_double):
+    work = tmp_path / "w"
+    work.mkdir()
+    work.chmod(0o555)
+    try:
+        r = CliRunner().invoke(cli, ["measure", str(tiny_llama), "--work", str(work)])
+    finally:
+        work.chmod(0o755)
+    assert r.exit_code == 1 and "make the work folder writable" in r.output, r.output

@@ -32,7 +32,7 @@ from workfolders import make_work
 
 def test_every_record_of_a_built_folder_reads_back_with_its_model(tmp_path: Path) -> None:
     work = Work(make_work(tmp_path, branches=("8_0",)))
-    for cls, path in [(SettingsRecord, work.recipe), (MeasurementProvenance, work.provenance),
+    for cls, path in [(SettingsRecord, work.settings), (MeasurementProvenance, work.provenance),
                       (BranchProvenance, work.branch_provenance("8_0"))]:
         record = read_record(cls, path)
         assert record is not None and record.version == FORMAT_VERSION
@@ -60,8 +60,8 @@ def test_a_missing_file_is_none_and_missing_state_is_empty(tmp_path: Path) -> No
 @pytest.mark.parametrize("version", [0, 2, "x"])
 def test_another_format_version_is_refused(tmp_path: Path, version: object) -> None:
     work = Work(make_work(tmp_path))
-    data = json.loads(work.recipe.read_text()) | {"version": version}
-    work.recipe.write_text(json.dumps(data))
+    data = json.loads(work.settings.read_text()) | {"version": version}
+    work.settings.write_text(json.dumps(data))
     with pytest.raises((WorkFolderIncompatible, WorkFolderCorrupt)) as info:
         read_settings(work.root)
     if version != "x":
@@ -70,9 +70,9 @@ def test_another_format_version_is_refused(tmp_path: Path, version: object) -> N
 
 def test_files_from_before_the_version_field_are_format_1(tmp_path: Path) -> None:
     work = Work(make_work(tmp_path))
-    data = json.loads(work.recipe.read_text())
+    data = json.loads(work.settings.read_text())
     del data["version"]
-    work.recipe.write_text(json.dumps(data))
+    work.settings.write_text(json.dumps(data))
     assert read_settings(work.root) is not None
 
 

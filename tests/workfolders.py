@@ -82,7 +82,7 @@ def make_work(tmp_path: Path, *, source: str = "alice/tiny-llama", branches: tup
     work.measurement.write_text(json.dumps({"measurement": {"model.layers.0": []}, "last_module_idx": 1}))
     measurement_sha256 = hashlib.sha256(work.measurement.read_bytes()).hexdigest()
     specs = [Branch(name=b, bits=float(b.replace("_", "."))) for b in branches]
-    write_record(work.recipe, SettingsRecord(settings=Settings(model=model, branches=specs), model_fingerprint=FINGERPRINT,
+    write_record(work.settings, SettingsRecord(settings=Settings(model=model, branches=specs), model_fingerprint=FINGERPRINT,
                                              model_dir=model))
     write_record(work.provenance, MeasurementProvenance(
         model_ref=model, model_fingerprint=FINGERPRINT, calibration="default", calibration_sha256=CALIBRATION_SHA256,

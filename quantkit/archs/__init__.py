@@ -19,8 +19,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import UnsupportedArchitecture
+from quantkit.hfconfig import MISSING, lookup
 
-__all__ = ["ArchSpec", "Refusal", "Resolved", "resolve", "resolve_model", "supported", "refused", "field_aliases", "read_field", "MISSING"]
+__all__ = ["ArchSpec", "Refusal", "Resolved", "resolve", "resolve_model", "supported", "refused", "field_aliases", "read_field"]
 
 
 class ArchSpec(BaseModel):
@@ -79,24 +80,6 @@ def field_aliases(field: str) -> list[str]:
     return list(_table()["fields"][field])
 
 
-class _Missing:
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-#: Sentinel default: the key is required.
-MISSING: Any = _Missing()
-
-
-def _lookup(config: dict[str, Any], path: str) -> Any:
-    node: Any = config
-    for part in path.split("->"):
-        if not isinstance(node, dict) or part not in node:
-            return MISSING
-        node = node[part]
-    return node
-
-
 def read_field(config: dict[str, Any], field: str, default: Any = MISSING) -> Any:
     """Read one hyperparameter the way exllamav2's `config.read` does.
 
@@ -106,10 +89,9 @@ def read_field(config: dict[str, Any], field: str, default: Any = MISSING) -> An
     """
     aliases = field_aliases(field)
     for scope in (config, config.get("text_config") or {}):
-        for alias in aliases:
-            value = _lookup(scope, alias)
-            if value is not MISSING and value is not None:
-                return value
+        value = lookup(scope, *aliases)
+        if value is not MISSING:
+            return value
     return default
 
 
@@ -180,7 +162,7 @@ def _resolve_table(config: dict[str, Any]) -> ArchSpec:
         spec = by_name[name]
         if spec.requires:
             path, _, want = spec.requires.partition("=")
-            got = _lookup(config, path)
+            got = lookup(config, path)
             if got != want:
                 raise UnsupportedArchitecture(
                     name, f"exllamav2 0.3.2 recognises it only with {path.replace('->', '.')} = {want!r} (found {got if got is not MISSING else 'none'!r})"

@@ -110,7 +110,7 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.GitFailed, lambda x: f"git {' '.join(x.args_[:3])} failed: {x.reason}; check the local target repository"),
     row(e.LocalTargetDirty, lambda x: f"{x.path} has uncommitted changes ({', '.join(x.files[:5])}): commit or stash them, or pick another --to folder"),
     row(e.ClusterTasksFailed, lambda x: f"{len(x.failures)} cluster task(s) failed, the others finished: "
-                                        + "; ".join(f"{k}: {format_error(v)}" for k, v in x.failures.items())
+                                        + "; ".join(f"{k}: {format_error(v).splitlines()[0]}" for k, v in x.failures.items())
                                         + " (rerun the same command: it redoes only what is missing)"),
     row(e.PublishFailed, lambda x: f"branch {x.branch} was converted but not published to {x.target}: {format_error(x.cause)} "
                                         "(rerun `quantkit run RECIPE`: it publishes only what is missing)"),

@@ -79,7 +79,7 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
       work = "work/llama3"
       calibration = "default"         # recipe name or file; calibration_source = "..." for toxic-qna
       rows = 100                      # quant pass; measurement_rows = 16; length = 2048
-      branches = "default"            # or a branch-set file, or [[branches]] tables
+      branches = "default"            # or a branch-set file, or [[branch]] tables
       [publish]
       repo = "alice/Llama-3-8B-exl2"  # private = true; or to = "exl2-repo" (a local git repo)
     \b

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 from rich.table import Table
+from rich.text import Text
 
 from quantkit import EXLLAMAV2_VERSION
 from quantkit.branches import Branch, branches_for, default_branches, load_branch_file
@@ -46,7 +47,7 @@ def rich_tables(plan: Plan, caches: list[str]) -> list[Any]:
                       *(format_gib(cells[c].total_bytes) + (f" {BEYOND_MARK}" if cells[c].beyond_native else "") for c in contexts))
     out: list[Any] = [t]
     if any(r.beyond_native for r in plan.rows):
-        out.append(beyond_footnote(plan))
+        out.append(Text(beyond_footnote(plan)))
     largest = contexts[-1]
     b = Table(title=f"Breakdown at {context_label(largest)} context, {caches[0]} cache (GiB)")
     b.add_column("Component")
@@ -216,4 +217,4 @@ def vram(model: str, revision: str | None, bits: str | None, head_bits: int | No
         out.rich(t)
     if fit is not None:
         out.rich(fit_table(fit))
-        out.rich(fit.sentence)
+        out.rich(Text(fit.sentence))  # plain text: a sentence is never rich markup

@@ -13,10 +13,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.model import Model
-from quantkit.vram import decoder_linears, decoder_weight_bytes, embeddings_ram_bytes, lm_head_bytes, norms_and_biases_bytes
+from quantkit.vram import CUDA_CONTEXT_BYTES, decoder_linears, decoder_weight_bytes, embeddings_ram_bytes, lm_head_bytes, norms_and_biases_bytes
 
-#: The CUDA context and allocator slack, as in quantkit.vram.
-CUDA_OVERHEAD = 600 * 1024**2
 
 
 class StepNeeds(BaseModel):
@@ -51,7 +49,7 @@ def measure_needs(model: Model, *, rows: int, length: int) -> StepNeeds:
         step="measure",
         disk_bytes=2 * states + rows * length * 8,  # hidden_states + its temp swap; cal_data int64
         ram_bytes=2 * states + embeddings_ram_bytes(model.shape),
-        vram_bytes=_module_vram(model) + 2 * length * (model.shape.hidden + model.shape.intermediate) * 2 * 4 + CUDA_OVERHEAD,
+        vram_bytes=_module_vram(model) + 2 * length * (model.shape.hidden + model.shape.intermediate) * 2 * 4 + CUDA_CONTEXT_BYTES,
     )
 
 
@@ -63,7 +61,7 @@ def convert_needs(model: Model, *, bits: float, head_bits: int, rows: int, lengt
         step=f"convert {bits:g}",
         disk_bytes=2 * states + quant + output + rows * length * 8,  # states, out_tensor/, -cf shards, cal_data
         ram_bytes=2 * states + embeddings_ram_bytes(model.shape),
-        vram_bytes=_module_vram(model) + 2 * length * (model.shape.hidden + model.shape.intermediate) * 2 * 4 + CUDA_OVERHEAD,
+        vram_bytes=_module_vram(model) + 2 * length * (model.shape.hidden + model.shape.intermediate) * 2 * 4 + CUDA_CONTEXT_BYTES,
     )
 
 

@@ -25,7 +25,7 @@ from quantkit.publish.target import RemoteFile, RetryableError, Target
 from quantkit.workfolder import (
     MEASUREMENT,
     PROVENANCE,
-    RECIPE,
+    SETTINGS,
     PublishRecord,
     StateRecord,
     converted_branches,
@@ -37,7 +37,7 @@ from quantkit.workfolder import (
 
 COMMIT_PREFIX = "quantkit"  # every commit quantkit makes starts with it: how it knows its own files
 CARD_NAME = "README.md"
-MAIN_FILES = (MEASUREMENT, PROVENANCE, RECIPE)  # the recipe and provenance travel with the measurement
+MAIN_FILES = (MEASUREMENT, PROVENANCE, SETTINGS)  # the settings and provenance travel with the measurement
 MAX_ATTEMPTS = 6
 CACHE_MIN_BYTES = 1 << 20
 

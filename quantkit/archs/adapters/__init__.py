@@ -5,7 +5,7 @@ The API the measure/convert pipeline calls:
     from quantkit.archs import adapters
     adapter = adapters.find(config)              # None: exllamav2 reads the model as it is
     plan = adapter.check(config)                 # refuses unmappable features, before any work
-    copy = adapter.prepare(src_folder, dst)      # the working copy to point the converter at
+    copy = adapters.prepare(src_folder, dst)     # the working copy to point the converter at
     copy.plan.experimental                       # say so on screen and in the card until GPU-proven
 
 `prepare()` never writes into `src`; see `workcopy.py` for the rules.
@@ -80,11 +80,11 @@ def check(config: dict[str, Any]) -> AdapterPlan | None:
 
 def prepare(src: Path, dst: Path) -> AdaptedModel:
     """Working copy of the model folder `src` in `dst`, through the adapter its config.json names."""
-    from quantkit.archs.adapters.workcopy import read_source_config
+    from quantkit.archs.adapters import workcopy  # numpy and safetensors' writer: only when copying
     from quantkit.errors import UnsupportedArchitecture
 
-    config = read_source_config(Path(src))
+    config = workcopy.read_source_config(Path(src))
     adapter = find(config)
     if adapter is None:
         raise UnsupportedArchitecture(str(_arch(config)), "no quantkit adapter is registered for it")
-    return adapter.prepare(Path(src), Path(dst))
+    return workcopy.prepare(adapter, Path(src), Path(dst))

@@ -1,6 +1,6 @@
 """What an adapter is: a check of the source config (refusing before any work) and a tensor plan.
 
-An adapter never touches the user's folder: `prepare()` (in `workcopy.py`) writes a working copy whose
+An adapter never touches the user's folder: `adapters.prepare()` (in `workcopy.py`) writes a working copy whose
 config.json declares a supported exllamav2 architecture. The types here are the API the measure/convert
 pipeline calls; the registry that picks an adapter by `architectures[0]` is `quantkit.archs.adapters`.
 """
@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from quantkit.errors import AdapterCheckpointMismatch, AdapterRefused, MissingConfigKey
+from quantkit.hfconfig import MISSING, lookup
 
 Status = Literal["experimental", "proven"]
 
@@ -118,37 +119,13 @@ class Adapter:
     def tensor_plan(self, plan: AdapterPlan, tensors: dict[str, TensorInfo]) -> list[Out]:  # pragma: no cover
         raise NotImplementedError
 
-    def prepare(self, src: Path, dst: Path) -> AdaptedModel:
-        """Write the working copy of `src` into `dst` (a new folder outside `src`)."""
-        from quantkit.archs.adapters.workcopy import prepare
-
-        return prepare(self, Path(src), Path(dst))
-
 
 # ---- reading a source config ------------------------------------------------------------------------
 
 
-class _Absent:
-    pass
-
-
-ABSENT: Any = _Absent()
-
-
-def get(config: dict[str, Any], *keys: str, default: Any = ABSENT) -> Any:
-    """The first of `keys` present (a JSON null counts as absent); `default` otherwise."""
-    for key in keys:
-        node: Any = config
-        for part in key.split("->"):
-            node = node.get(part, ABSENT) if isinstance(node, dict) else ABSENT
-        if node is not ABSENT and node is not None:
-            return node
-    return default
-
-
 def need_int(config: dict[str, Any], arch: str, field: str, *keys: str) -> int:
-    value = get(config, *keys)
-    if value is ABSENT:
+    value = lookup(config, *keys)
+    if value is MISSING:
         raise MissingConfigKey(arch, field, list(keys))
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise AdapterRefused(arch, field, f"{keys[0]} must be a positive integer, got {value!r}")
@@ -171,8 +148,8 @@ def rope_params(config: dict[str, Any], arch: str, *, theta_keys: tuple[str, ...
                                  "scaled RoPE is not mapped by the adapter (only plain RoPE is proven equivalent)")
     if scaling and not (scaling.get("rope_type") or scaling.get("type")):
         raise AdapterRefused(arch, "rope_scaling", f"rope_scaling = {scaling!r} is not mapped by the adapter")
-    theta = get(rp, "rope_theta", default=get(config, *theta_keys, default=10000.0))
-    fraction = get(rp, "partial_rotary_factor", default=get(config, *fraction_keys, default=default_fraction))
+    theta = lookup(rp, "rope_theta", default=lookup(config, *theta_keys, default=10000.0))
+    fraction = lookup(rp, "partial_rotary_factor", default=lookup(config, *fraction_keys, default=default_fraction))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise AdapterRefused(arch, "rope_theta", f"rope_theta must be a positive number, got {theta!r}")
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:

@@ -36,7 +36,6 @@ from typing import Any
 
 from quantkit.archs.adapters import entry
 from quantkit.archs.adapters.base import (
-    ABSENT,
     CONFIG_KEY,
     Adapter,
     AdapterPlan,
@@ -45,11 +44,11 @@ from quantkit.archs.adapters.base import (
     check_rotary_dim,
     expect_shape,
     expect_tensors,
-    get,
     need_int,
     rope_params,
 )
 from quantkit.errors import AdapterCheckpointMismatch, AdapterRefused
+from quantkit.hfconfig import MISSING, lookup
 
 # transformers 5 GPTNeoXConfig defaults, used when config.json omits a key.
 DEFAULT_EPS = 1e-5
@@ -87,11 +86,11 @@ class GPTNeoXAdapter(Adapter):
         row = entry(arch)
         assert row is not None and row.adapter == self.name
 
-        if get(config, "use_parallel_residual", default=DEFAULT_PARALLEL):
+        if lookup(config, "use_parallel_residual", default=DEFAULT_PARALLEL):
             raise AdapterRefused(arch, "use_parallel_residual = true" + (" (the transformers default)" if "use_parallel_residual" not in config else ""),
                                  "the block is x + attn(ln1(x)) + mlp(ln2(x)); no exllamav2 architecture feeds parallel attention "
                                  "and MLP from two LayerNorms (Cohere's parallel block has one norm and GPT-J RoPE)")
-        act = get(config, "hidden_act", default="gelu")
+        act = lookup(config, "hidden_act", default="gelu")
         if act not in GELU_FORMS:
             raise AdapterRefused(arch, f"hidden_act = {act!r}", "StarCoder2's MLP computes GELU (tanh form) only")
         act_exact, act_form = GELU_FORMS[act]
@@ -106,8 +105,8 @@ class GPTNeoXAdapter(Adapter):
         theta, fraction = rope_params(config, arch, theta_keys=("rotary_emb_base", "rope_theta"), fraction_keys=("rotary_pct", "partial_rotary_factor"),
                                       default_fraction=DEFAULT_ROTARY_FRACTION)
         check_rotary_dim(arch, hidden // heads, fraction)
-        eps = float(get(config, "layer_norm_eps", default=DEFAULT_EPS))
-        attention_bias = bool(get(config, "attention_bias", default=DEFAULT_ATTENTION_BIAS))
+        eps = float(lookup(config, "layer_norm_eps", default=DEFAULT_EPS))
+        attention_bias = bool(lookup(config, "attention_bias", default=DEFAULT_ATTENTION_BIAS))
 
         out: dict[str, Any] = {
             "architectures": [row.target],
@@ -124,14 +123,14 @@ class GPTNeoXAdapter(Adapter):
             "hidden_act": "gelu_pytorch_tanh",  # what exllamav2 computes (see the module docstring)
             "rope_theta": theta,
             "partial_rotary_factor": fraction,
-            "max_position_embeddings": get(config, "max_position_embeddings", default=2048),
+            "max_position_embeddings": lookup(config, "max_position_embeddings", default=2048),
             "vocab_size": vocab,
             "use_bias": True,
             # Written always: the planner's table defaults StarCoder2 to tied embeddings, GPT-NeoX is untied.
-            "tie_word_embeddings": bool(get(config, "tie_word_embeddings", default=False)),
+            "tie_word_embeddings": bool(lookup(config, "tie_word_embeddings", default=False)),
         }
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"):
-            if get(config, key) is not ABSENT:
+            if lookup(config, key) is not MISSING:
                 out[key] = config[key]
         ops = [
             "config.json: architectures -> Starcoder2ForCausalLM, layer_norm_eps -> layer_norm_epsilon, rotary_pct -> partial_rotary_factor, rotary_emb_base -> rope_theta",

@@ -33,7 +33,6 @@ from typing import Any
 from quantkit.archs.adapters import entry
 from quantkit.archs.adapters.base import (
     CONFIG_KEY,
-    ABSENT,
     Adapter,
     AdapterPlan,
     Out,
@@ -41,11 +40,11 @@ from quantkit.archs.adapters.base import (
     check_rotary_dim,
     expect_shape,
     expect_tensors,
-    get,
     need_int,
     rope_params,
 )
 from quantkit.errors import AdapterRefused
+from quantkit.hfconfig import MISSING, lookup
 
 # transformers 5 StableLmConfig defaults, used when config.json omits a key (transformers 5 saves only
 # what differs from them); the remote-code StableLMEpochConfig has the same ones.
@@ -71,27 +70,27 @@ class StableLmAdapter(Adapter):
             ("use_parallel_residual", "attention and MLP in parallel from one LayerNorm (StableLM-2-12B); exllamav2's only "
                                       "parallel block (Cohere) rotates GPT-J style, StableLM NeoX style"),
         ):
-            if get(config, feature, default=False):
+            if lookup(config, feature, default=False):
                 raise AdapterRefused(arch, f"{feature} = true", why)
-        act = get(config, "hidden_act", default="silu")
+        act = lookup(config, "hidden_act", default="silu")
         if act != "silu":
             raise AdapterRefused(arch, f"hidden_act = {act!r}", "Orion's gated MLP uses SiLU only")
-        if get(config, "rotary_scaling_factor", default=1.0) != 1.0:
+        if lookup(config, "rotary_scaling_factor", default=1.0) != 1.0:
             raise AdapterRefused(arch, "rotary_scaling_factor", "scaled RoPE is not mapped by the adapter")
 
         hidden = need_int(config, arch, "hidden", "hidden_size")
         layers = need_int(config, arch, "layers", "num_hidden_layers")
         heads = need_int(config, arch, "heads", "num_attention_heads", "num_heads")
-        kv_heads = get(config, "num_key_value_heads", default=heads)
+        kv_heads = lookup(config, "num_key_value_heads", default=heads)
         intermediate = need_int(config, arch, "intermediate", "intermediate_size")
         vocab = need_int(config, arch, "vocab", "vocab_size")
         if hidden % heads or heads % kv_heads:
             raise AdapterRefused(arch, "num_attention_heads", f"hidden {hidden}, {heads} heads, {kv_heads} KV heads do not divide")
-        eps = get(config, "layer_norm_eps", "norm_eps", default=DEFAULT_EPS)
+        eps = lookup(config, "layer_norm_eps", "norm_eps", default=DEFAULT_EPS)
         theta, fraction = rope_params(config, arch, theta_keys=("rope_theta",), fraction_keys=("partial_rotary_factor", "rope_pct"),
                                       default_fraction=DEFAULT_ROTARY_FRACTION)
         check_rotary_dim(arch, hidden // heads, fraction)
-        qkv_bias = bool(get(config, "use_qkv_bias", default=False))
+        qkv_bias = bool(lookup(config, "use_qkv_bias", default=False))
 
         out: dict[str, Any] = {
             "architectures": [row.target],
@@ -107,12 +106,12 @@ class StableLmAdapter(Adapter):
             "hidden_act": "silu",
             "rope_theta": theta,
             "partial_rotary_factor": fraction,
-            "max_position_embeddings": get(config, "max_position_embeddings", default=4096),
+            "max_position_embeddings": lookup(config, "max_position_embeddings", default=4096),
             "vocab_size": vocab,
-            "tie_word_embeddings": bool(get(config, "tie_word_embeddings", default=False)),
+            "tie_word_embeddings": bool(lookup(config, "tie_word_embeddings", default=False)),
         }
         for key in ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"):
-            if get(config, key) is not ABSENT:
+            if lookup(config, key) is not MISSING:
                 out[key] = config[key]
         ops = ["config.json: architectures -> OrionForCausalLM, layer norm epsilon -> rms_norm_eps, rotary fraction -> partial_rotary_factor",
                "tensors: names unchanged (StableLM already uses Orion's names); shards hard-linked"]

@@ -24,6 +24,7 @@ from typing import Any
 from quantkit import __version__
 from quantkit.archs.adapters.base import PROVENANCE_FILE, AdaptedModel, Adapter, Out, TensorInfo
 from quantkit.errors import AdapterTargetInvalid, CorruptSafetensors, MissingExtra, NoWeights
+from quantkit.hfconfig import read_config_file
 
 #: Files copied beside the weights: what exllamav2 and the loaders read for tokenizing and generation.
 TOKENIZER_FILES = (
@@ -37,9 +38,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def read_source_config(src: Path) -> dict[str, Any]:
-    from quantkit.model import _read_config_file
-
-    return _read_config_file(src)
+    return read_config_file(src)
 
 
 def check_destination(src: Path, dst: Path) -> None:
