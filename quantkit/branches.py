@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from importlib import resources
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,20 @@ def data_dir(name: str) -> Path:
     checkout = Path(__file__).resolve().parent.parent / name
     if checkout.is_dir():
         return checkout
-    return Path(str(resources.files(f"quantkit._{name}")))
+    return installed_data_dir(name)
+
+
+def installed_data_dir(name: str) -> Path:
+    """The data folder inside an installed quantkit. The folders have no __init__.py, so they install as
+    namespace packages: `importlib.resources.files` gives a MultiplexedPath, whose str() is its repr, not
+    a path; the package's own `__path__` is the real folder."""
+    try:
+        locations = list(importlib.import_module(f"quantkit._{name}").__path__)
+    except ModuleNotFoundError:
+        locations = []
+    if not locations:
+        raise ConfigUnreadable(Path(f"quantkit/_{name}"), "this installation of quantkit lacks its data folder; reinstall quantkit-exl2")
+    return Path(locations[0])
 
 
 def default_branches() -> list[Branch]:

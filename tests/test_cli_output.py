@@ -4,6 +4,7 @@ and `| head` is success."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def test_archs_formats():
 def test_head_exits_zero(argv):
     """`quantkit ... | head -1`: the reader closes the pipe after one line; that is not an error."""
     p = subprocess.Popen([sys.executable, "-m", "quantkit", *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                         env={"PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO)), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert p.stdout.readline()
     p.stdout.close()
     _, err = p.communicate(timeout=120)

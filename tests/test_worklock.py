@@ -165,3 +165,23 @@ def test_the_lock_refuses_in_process_too(tmp_path):
             capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO_ROOT)})
     assert child.returncode == 3 and child.stdout.split()[0] == str(os.getpid()) and "quantkit measure" in child.stdout
     assert WorkFolderBusy  # the error type the CLI turns into one line
+
+
+def test_a_converter_whose_quantkit_is_alive_is_not_an_orphan(tmp_path):
+    """Two processes driving the core without the CLI's lock: the second refuses instead of killing."""
+    from quantkit.files import write_json_atomic
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        job = tmp_path / "job"
+        job.mkdir()
+        write_json_atomic(job / conv.PID_NAME, {"pid": child.pid, "start_ticks": conv._start_ticks(child.pid), "argv": [],
+                                                "quantkit_pid": owner.pid, "quantkit_start_ticks": conv._start_ticks(owner.pid)})
+        with pytest.raises(WorkFolderBusy) as info:
+            conv.stop_orphan(job, lambda m: pytest.fail(m))
+        assert info.value.pid == owner.pid and child.poll() is None
+    finally:
+        for p in (owner, child):
+            p.kill()
+            p.wait()

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from quantkit.errors import ConverterCancelled, ConverterFailed, ConverterMissing, JobMismatch, NoCudaDevice
+from quantkit.errors import ConverterCancelled, ConverterFailed, ConverterMissing, JobMismatch, NoCudaDevice, WorkFolderBusy
 from quantkit.exl2 import job as jobfile
 from quantkit.exl2.status import LogLine, classify
 
@@ -230,7 +230,8 @@ def _start_ticks(pid: int) -> int | None:
 def _record_pid(work_dir: Path, pid: int, argv: list[str]) -> None:
     from quantkit.files import write_json_atomic
 
-    write_json_atomic(work_dir / PID_NAME, {"pid": pid, "start_ticks": _start_ticks(pid), "argv": argv})
+    write_json_atomic(work_dir / PID_NAME, {"pid": pid, "start_ticks": _start_ticks(pid), "argv": argv,
+                                            "quantkit_pid": os.getpid(), "quantkit_start_ticks": _start_ticks(os.getpid())})
 
 
 def orphan(work_dir: Path) -> int | None:
@@ -245,6 +246,18 @@ def orphan(work_dir: Path) -> int | None:
     return pid
 
 
+def _owner(work_dir: Path) -> int | None:
+    """The PID of the quantkit that started the recorded converter, when it is alive and not this one."""
+    try:
+        data = json.loads((work_dir / PID_NAME).read_text(encoding="utf-8"))
+        pid, ticks = int(data["quantkit_pid"]), data.get("quantkit_start_ticks")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid == os.getpid() or ticks is None or _start_ticks(pid) != ticks:
+        return None
+    return pid
+
+
 def stop_orphan(work_dir: Path, say: Callable[[str], None]) -> None:
     """Stop a converter left running by an earlier quantkit on this job folder (its session: it and
     anything it started), so two converters never write one job folder."""
@@ -252,6 +265,11 @@ def stop_orphan(work_dir: Path, say: Callable[[str], None]) -> None:
     if pid is None:
         (work_dir / PID_NAME).unlink(missing_ok=True)
         return
+    owner = _owner(work_dir)
+    if owner is not None:
+        # Its quantkit is alive (one that took no work-folder lock, e.g. the core called directly):
+        # not an orphan, and not ours to stop.
+        raise WorkFolderBusy(work_dir, owner, f"a quantkit whose converter (PID {pid}) is writing this job folder")
     say(f"a converter left running by an earlier quantkit (PID {pid}) is writing {work_dir}: stopping it before resuming")
     for sig, grace in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, TERM_GRACE_S)):
         try:
