@@ -310,7 +310,7 @@ class QueueItem(BaseModel):
 
     settings: Settings
     work: Path
-    publish: PublishOptions = PublishOptions()
+    publish: PublishOptions | None = None  # None: the nodes convert and publish nothing
 
 
 class ItemReport(BaseModel):
@@ -330,7 +330,8 @@ class _Item:
         self.p = Pipeline(q.settings, q.work, weights=False)
         self.p.lock(force=force)
         self.name = self.p.model.name
-        self.publisher = Publisher(q.work, q.publish, say=say)  # a bad repo id fails here, before any task
+        # A bad repo id fails here, before any task.
+        self.publisher = Publisher(q.work, q.publish, say=say) if q.publish is not None else None
         self.p.calibration_set()
         files = {f.name: f.read_bytes() for f in sorted(self.p.work.calibration.iterdir()) if f.is_file()}
         work_id = f"{_slug(self.name)}-{hashlib.sha256(str(q.work.resolve()).encode()).hexdigest()[:12]}"
@@ -346,6 +347,8 @@ class _Item:
     def branch_done(self, b: Branch) -> bool:
         if not self.p.state.done(convert_step(b.name)):
             return False
+        if self.publisher is None:
+            return True
         record = published(self.p.work.root, b.name, self.publisher.target.id)
         return record is not None and record.verified
 
@@ -364,6 +367,8 @@ class _Item:
             meas.check_reachable(b.bits, rng)
 
     def publish_main(self) -> None:
+        if self.publisher is None or self.q.publish is None:
+            return
         self.publisher.prepare(reuse_card=True)
         self.publisher.publish_main()
         assert self.publisher.card is not None
@@ -375,7 +380,7 @@ class _Item:
     def store_branch(self, c: Converted) -> None:
         step = convert_step(c.branch)
         self.p.state.mark(step, "done", achieved_decoder_bpw=c.provenance.achieved_decoder_bpw, node=c.node)
-        if c.published is not None:
+        if c.published is not None and self.publisher is not None:
             tid, record = self.publisher.target.id, c.published
 
             def change(state: StateRecord) -> StateRecord:
@@ -422,7 +427,7 @@ def run_queue(items: list[QueueItem], *, force: bool = False, listener: Listener
         for b in it.q.settings.branches:
             if it.branch_done(b):
                 info = it.p.state.get(convert_step(b.name)).info
-                it.results[b.name] = {"achieved_decoder_bpw": info.achieved_decoder_bpw, "node": info.node, "published": True}
+                it.results[b.name] = {"achieved_decoder_bpw": info.achieved_decoder_bpw, "node": info.node, "published": it.publisher is not None}
                 continue
             it.p.state.mark(convert_step(b.name), "running", bits=b.bits, head_bits=b.head_bits)
             ref = convert_task.remote(it.job, b, it.measured, it.target, it.card, relay)
@@ -468,7 +473,8 @@ def run_queue(items: list[QueueItem], *, force: bool = False, listener: Listener
     drain()
     if failures:
         raise ClusterTasksFailed(failures)
-    return [ItemReport(name=it.name, work=it.q.work, branches=it.results, target=it.publisher.target.id) for it in prepared]
+    return [ItemReport(name=it.name, work=it.q.work, branches=it.results,
+                       target=it.publisher.target.id if it.publisher is not None else "nowhere") for it in prepared]
 
 
 def _cause(exc: BaseException) -> BaseException:

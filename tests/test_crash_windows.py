@@ -238,13 +238,16 @@ def test_a_half_written_card_on_disk_is_never_published(tmp_path):
 
 def test_a_kill_while_the_card_is_written_leaves_the_old_card(tmp_path, monkeypatch):
     work = make_work(tmp_path)
-    from quantkit.publish.publisher import write_card
+    from quantkit.publish import PublishOptions, Publisher
 
-    card = write_card(work, "a/b")
+    def write_card(repo: str) -> Path:
+        return Publisher(work, PublishOptions(repo=repo, to=tmp_path / "repo"), say=print).write_card(["8_0"])
+
+    card = write_card("a/b")
     old = card.read_text()
     seen = kill_at_commit(monkeypatch, 1)
     with pytest.raises(Killed):
-        write_card(work, "c/d")
+        write_card("c/d")
     assert seen == ["README.md"] and card.read_text() == old
 
 
