@@ -10,8 +10,10 @@ A recipe:
     length = 2048
     branches = "default"             # or a branch-set file, or inline [[branch]] tables ([[branches]] too)
 
-    [publish]                        # optional: without it, or without a token, into WORK/hub-repo
-    repo = "alice/Llama-3-8B-exl2"   # the Hub repo; private = true to create it private
+    base_model = "org/model"         # optional: the source's Hub id, when `model` is a folder that does not say
+
+    [publish]                        # optional: without it the run converts and publishes nothing
+    repo = "alice/Llama-3-8B-exl2"   # the Hub repo (needs a token); private = true to create it private
     # to = "exl2-repo"               # or a local git repository (relative to the recipe)
 """
 
@@ -44,7 +46,11 @@ class RunRecipe(BaseModel):
 
     settings: Settings
     work: Path | None
-    publish: PublishOptions = PublishOptions()
+    publish: PublishOptions | None = None  # None: the recipe has no [publish] table
+
+
+#: What a recipe's [publish] table may set; the other PublishOptions are the command's flags.
+PUBLISH_KEYS = ("repo", "private", "to", "prompt_format")
 
 
 def load_run_recipe(path: Path) -> RunRecipe:
@@ -74,7 +80,7 @@ def load_run_recipe(path: Path) -> RunRecipe:
     else:
         raise RecipeUnreadable(path, "branches must be a branch-set name or file, or [[branch]] tables")
     work = data.pop("work", None)
-    publish = _publish_spec(path, data.pop("publish", {}))
+    publish = _publish_spec(path, data.pop("publish")) if "publish" in data else None
     model = data["model"]
     if not isinstance(model, str):
         raise RecipeUnreadable(path, "model must be a string (a folder or a Hub id)")
@@ -94,8 +100,8 @@ def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if not isinstance(raw, dict):
         raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
     for key in raw:
-        if key not in PublishOptions.model_fields:
-            raise RecipeUnknownKey(path, key, "[publish]", list(PublishOptions.model_fields))
+        if key not in PUBLISH_KEYS:
+            raise RecipeUnknownKey(path, key, "[publish]", list(PUBLISH_KEYS))
     try:
         spec = PublishOptions(**raw)
     except ValidationError as exc:
@@ -103,6 +109,17 @@ def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if spec.to is not None and not spec.to.is_absolute():
         spec = spec.model_copy(update={"to": path.parent / spec.to})
     return spec
+
+
+def publish_options(recipe: PublishOptions | None, *, repo: str | None = None, to: Path | None = None, private: bool = False,
+                    force: bool = False, base_model: str | None = None, no_base_model: bool = False) -> PublishOptions | None:
+    """The recipe's [publish] table with the command's flags over it; None when neither names a Hub
+    repo or a local repository (the run then publishes nothing)."""
+    options = recipe or PublishOptions()
+    update: dict[str, Any] = {k: v for k, v in {"repo": repo, "to": to, "base_model": base_model}.items() if v is not None}
+    update |= {k: True for k, v in {"private": private, "force": force, "no_base_model": no_base_model}.items() if v}
+    options = options.model_copy(update=update)
+    return options if options.repo is not None or options.to is not None else None
 
 
 def check_run_paths(r: RunRecipe, work: Path) -> None:
@@ -113,7 +130,7 @@ def check_run_paths(r: RunRecipe, work: Path) -> None:
     """
     model_dir = guards.local_model_dir(r.settings.model)
     guards.check_work_folder(work, model_dir)
-    guards.refuse_overlap(r.publish.to, model_dir, what="[publish] to")
+    guards.refuse_overlap(r.publish.to if r.publish is not None else None, model_dir, what="[publish] to")
 
 
 class DryStep(BaseModel):
@@ -140,7 +157,7 @@ class DryRun(BaseModel):
 
 def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates, and
-    where it publishes (`publish`: the recipe's [publish] table; none names the local WORK/hub-repo)."""
+    where it publishes (`publish`: the recipe's [publish] table with the command's flags; None: nowhere)."""
     s = p.settings
     m: Model = p.model
     steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None)]
@@ -154,10 +171,17 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
         steps.append(DryStep(step=convert_step(b.name), status=p.state.get(convert_step(b.name)).status,
                              needs=convert_needs(m, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length),
                              inference_vram_bytes=infer.get(b.name)))
-    publish = publish or PublishOptions()
-    choice = choose_target(p.work.root, repo=publish.repo, to=publish.to, private=publish.private)
-    for name in ["main"] + [b.name for b in s.branches]:
-        steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, choice.target.id), needs=None))
+    target, warnings = "nowhere: the recipe has no publish table (add [publish], or pass --repo / --to)", []
+    if publish is not None:
+        try:
+            choice = choose_target(publish)
+        except QuantkitError as exc:  # said, not raised: the plan is still worth seeing
+            target, warnings = f"{publish.repo or publish.to}", [f"a real run stops before converting: {exc}"]
+        else:
+            target, warnings = choice.target.id, choice.warnings
+            names = [b.name for b in s.branches]
+            for name in names[:1] + ["main"] + names[1:]:  # main goes out with the first branch, never before
+                steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, target), needs=None))
     reachable = None
     unreachable: list[str] = []
     note = "reachable bitrates are known once the measurement exists"
@@ -172,7 +196,7 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
         except QuantkitError:
             pass
     return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note,
-                  publish_target=choice.target.id, publish_warnings=choice.warnings, needs=run_needs(p, steps))
+                  publish_target=target, publish_warnings=warnings, needs=run_needs(p, steps))
 
 
 def run_needs(p: Pipeline, steps: list[DryStep]) -> list[str]:
