@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
 from pydantic import BaseModel, ConfigDict
 
 from quantkit import EXLLAMAV2_VERSION
@@ -21,7 +22,7 @@ from quantkit.eval.core import failed_branches
 from quantkit.model import Model, load_model
 from quantkit.plan import Plan, make_plan
 from quantkit.prompt_format import PromptFormat, prompt_format
-from quantkit.source import hub_id as source_hub_id
+from quantkit.source import identify, read_source
 from quantkit.tables import cache_statement, markdown_table
 from quantkit.vram import CacheMode
 from quantkit.workfolder import (
@@ -35,6 +36,7 @@ from quantkit.workfolder import (
 )
 
 CONTEXTS = (4096, 8192, 16384, 32768)
+QUANTKIT_TAGS = ("exl2", "exllamav2", "quantized")
 TEMPLATE = "card.md.j2"
 _TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.json", "chat_template.jinja")
 
@@ -51,6 +53,10 @@ class CardSpec(BaseModel):
     license: str | None
     license_name: str | None
     license_link: str | None
+    language: str | list[str] | None = None  # carried from the source card
+    datasets: str | list[str] | None = None
+    pipeline_tag: str = "text-generation"
+    source_tags: list[str] = []
     exllamav2_version: str
     calibration: str
     prompt: PromptFormat
@@ -65,15 +71,36 @@ class CardSpec(BaseModel):
 
 
 def _source_folder(ref: str | None) -> Path | None:
+    # A relative path is as the user named it where the work ran; the recorded absolute path comes first.
     if ref and Path(ref).expanduser().is_dir():
         return Path(ref).expanduser()
     return None
 
 
-def _source_readme(folder: Path | None, hub_id: str | None, notes: list[str]) -> ModelCard | None:
+class SourceCard(BaseModel):
+    """The source's own README: its metadata (None when its front matter does not parse) and its body."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    data: ModelCardData | None
+    text: str
+
+
+def _read_source_card(text: str, where: str, notes: list[str]) -> SourceCard:
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+    except Exception as exc:  # noqa: BLE001 - yaml's and ModelCardData's errors alike: the metadata is unusable
+        notes.append(f"{where}: its front matter does not parse ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                     "the card carries none of its metadata (license, tags): check them by hand")
+        match = REGEX_YAML_BLOCK.search(text)
+        return SourceCard(data=None, text=text[match.end():] if match else text)
+    return SourceCard(data=card.data, text=card.text)
+
+
+def _source_readme(folder: Path | None, hub_id: str | None, notes: list[str]) -> SourceCard | None:
     """The source's own card: README.md in its folder, else from the Hub when it can be reached."""
     if folder is not None and (folder / "README.md").is_file():
-        return ModelCard.load(folder / "README.md")
+        return _read_source_card((folder / "README.md").read_text(encoding="utf-8", errors="replace"), f"{folder}/README.md", notes)
     if hub_id is None:
         return None
     from quantkit import hub
@@ -88,7 +115,7 @@ def _source_readme(folder: Path | None, hub_id: str | None, notes: list[str]) ->
     except Exception as exc:  # noqa: BLE001 - a missing source card is not fatal; the reason is said
         notes.append(f"could not read {hub_id}'s README.md ({type(exc).__name__}): the card has no license from it")
         return None
-    return ModelCard.load(Path(path))
+    return _read_source_card(Path(path).read_text(encoding="utf-8", errors="replace"), f"{hub_id}'s README.md", notes)
 
 
 def _calibration(work: Path | None) -> str:
@@ -145,8 +172,11 @@ def _planned_sizes(plan: Plan) -> dict[str, int]:
 
 
 def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str | None = None, cache: str = "fp16",
-              base_model: str | None = None, include_source_card: bool = True) -> CardSpec:
+              base_model: str | None = None, include_source_card: bool = True, branches: list[str] | None = None) -> CardSpec:
     """Gather the card's facts from a work folder (converted or not) or a model folder / Hub id.
+
+    `base_model` overrides the source's Hub id as the work folder records it (or as `source.identify`
+    finds it). `branches` limits a converted card to those branches (the ones published so far).
 
     Raises:
         WorkFolderIncomplete: a work folder that names no source model and has no conversion.
@@ -158,16 +188,22 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
     work = path if is_work_folder(path) else None
     source_ref = source_model(work) if work is not None else str(ref)
     names = converted_branches(work) if work is not None else []
+    if branches is not None:
+        names = [n for n in names if n in branches]
     if work is not None:  # a branch that failed its evaluation is never published, so never offered
         failed = failed_branches(work)
         names = [n for n in names if n not in failed]
     if work is not None and source_ref is None and not names:
         raise WorkFolderIncomplete(work, "no source model recorded and no converted branch",
                                    "run `quantkit measure MODEL --work WORK` first, or pass the model folder instead")
-    folder = _source_folder(source_ref)
-    hub_id = base_model or source_hub_id(source_ref)
+    recorded_source = read_source(work) if work is not None else None
+    folder = _source_folder(recorded_source.path if recorded_source is not None else None) or _source_folder(source_ref)
+    ident = recorded_source if recorded_source is not None and recorded_source.hub_id else identify(str(source_ref), folder)
+    hub_id = base_model or ident.hub_id
     if hub_id is None:
         notes.append(f"{source_ref} is not a Hub repo id: the card has no base_model (pass --base-model USER/NAME)")
+    elif base_model is None and ident.how:
+        notes.append(f"base_model {hub_id}: {ident.how} (pass --base-model USER/NAME if that is wrong)")
 
     tokenizer_dir = folder
     if (tokenizer_dir is None or not any((tokenizer_dir / f).is_file() for f in _TOKENIZER_FILES)) and names:
@@ -189,7 +225,7 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
     notes += plan.warnings
 
     src = _source_readme(folder, hub_id, notes)
-    data = src.data if src is not None else ModelCardData()
+    data = src.data if src is not None and src.data is not None else ModelCardData()
     prov = read_provenance(work) if work is not None else None
     version = prov.exllamav2_version if prov is not None else EXLLAMAV2_VERSION
     if adapter is None and prov is not None and prov.adapter is not None:
@@ -205,6 +241,10 @@ def card_spec(ref: str | Path, *, repo: str | None = None, override_format: str 
         license=getattr(data, "license", None),
         license_name=getattr(data, "license_name", None),
         license_link=getattr(data, "license_link", None),
+        language=getattr(data, "language", None),
+        datasets=getattr(data, "datasets", None),
+        pipeline_tag=getattr(data, "pipeline_tag", None) or "text-generation",
+        source_tags=[str(t) for t in (getattr(data, "tags", None) or []) if t],
         exllamav2_version=version,
         calibration=_calibration(work),
         prompt=fmt,
@@ -226,8 +266,10 @@ def front_matter(spec: CardSpec) -> str:
         "license": spec.license,
         "license_name": spec.license_name,
         "license_link": spec.license_link,
-        "pipeline_tag": "text-generation",
-        "tags": ["exl2", "exllamav2", "quantized"],
+        "language": spec.language,
+        "datasets": spec.datasets,
+        "pipeline_tag": spec.pipeline_tag,
+        "tags": list(dict.fromkeys([*QUANTKIT_TAGS, *spec.source_tags])),
         "quantized_by": spec.quantized_by,
     }
     return ModelCardData(**{k: v for k, v in fields.items() if v is not None}).to_yaml()

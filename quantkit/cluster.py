@@ -43,7 +43,7 @@ from quantkit.branches import Branch
 from quantkit.errors import ClusterTasksFailed, ClusterUnreachable, MissingExtra, QuantkitError
 from quantkit.exl2 import measurement as meas
 from quantkit.exl2.status import LogLine
-from quantkit.files import write_text_atomic
+from quantkit.files import write_bytes_atomic, write_text_atomic
 from quantkit.pipeline import Listener, Pipeline, Settings, convert_step
 from quantkit.publish import PublishOptions, Publisher
 from quantkit.publish.engine import CARD_NAME, published
@@ -173,7 +173,7 @@ def _node_pipeline(job: ModelJob, task: str, listener: Listener | None) -> Pipel
     if built is None or (built.parquet.read_bytes() != job.calibration.get(calibration.PARQUET_NAME)):
         p.work.calibration.mkdir(parents=True, exist_ok=True)
         for name, data in job.calibration.items():
-            (p.work.calibration / name).write_bytes(data)
+            write_bytes_atomic(p.work.calibration / name, data)
         built = calibration.read_set(p.work.calibration)
         assert built is not None, "the driver's calibration set did not arrive whole"
     if not p.state.done("calibration"):
@@ -215,7 +215,7 @@ def _publish_from_here(p: Pipeline, branch: str, spec: TargetSpec, card: str) ->
 
     card_path = p.work.root / "publish" / CARD_NAME
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    card_path.write_text(card, encoding="utf-8")
+    write_text_atomic(card_path, card)
     if spec.git_path is not None:
         target: Any = GitTarget(spec.git_path)
     else:
@@ -310,7 +310,7 @@ class QueueItem(BaseModel):
 
     settings: Settings
     work: Path
-    publish: PublishOptions = PublishOptions()
+    publish: PublishOptions | None = None  # None: the nodes convert and publish nothing
 
 
 class ItemReport(BaseModel):
@@ -330,7 +330,8 @@ class _Item:
         self.p = Pipeline(q.settings, q.work, weights=False)
         self.p.lock(force=force)
         self.name = self.p.model.name
-        self.publisher = Publisher(q.work, q.publish, say=say)  # a bad repo id fails here, before any task
+        # A bad repo id fails here, before any task.
+        self.publisher = Publisher(q.work, q.publish, say=say) if q.publish is not None else None
         self.p.calibration_set()
         files = {f.name: f.read_bytes() for f in sorted(self.p.work.calibration.iterdir()) if f.is_file()}
         work_id = f"{_slug(self.name)}-{hashlib.sha256(str(q.work.resolve()).encode()).hexdigest()[:12]}"
@@ -346,6 +347,8 @@ class _Item:
     def branch_done(self, b: Branch) -> bool:
         if not self.p.state.done(convert_step(b.name)):
             return False
+        if self.publisher is None:
+            return True
         record = published(self.p.work.root, b.name, self.publisher.target.id)
         return record is not None and record.verified
 
@@ -364,6 +367,8 @@ class _Item:
             meas.check_reachable(b.bits, rng)
 
     def publish_main(self) -> None:
+        if self.publisher is None or self.q.publish is None:
+            return
         self.publisher.prepare(reuse_card=True)
         self.publisher.publish_main()
         assert self.publisher.card is not None
@@ -375,7 +380,7 @@ class _Item:
     def store_branch(self, c: Converted) -> None:
         step = convert_step(c.branch)
         self.p.state.mark(step, "done", achieved_decoder_bpw=c.provenance.achieved_decoder_bpw, node=c.node)
-        if c.published is not None:
+        if c.published is not None and self.publisher is not None:
             tid, record = self.publisher.target.id, c.published
 
             def change(state: StateRecord) -> StateRecord:
@@ -422,7 +427,7 @@ def run_queue(items: list[QueueItem], *, force: bool = False, listener: Listener
         for b in it.q.settings.branches:
             if it.branch_done(b):
                 info = it.p.state.get(convert_step(b.name)).info
-                it.results[b.name] = {"achieved_decoder_bpw": info.achieved_decoder_bpw, "node": info.node, "published": True}
+                it.results[b.name] = {"achieved_decoder_bpw": info.achieved_decoder_bpw, "node": info.node, "published": it.publisher is not None}
                 continue
             it.p.state.mark(convert_step(b.name), "running", bits=b.bits, head_bits=b.head_bits)
             ref = convert_task.remote(it.job, b, it.measured, it.target, it.card, relay)
@@ -468,7 +473,8 @@ def run_queue(items: list[QueueItem], *, force: bool = False, listener: Listener
     drain()
     if failures:
         raise ClusterTasksFailed(failures)
-    return [ItemReport(name=it.name, work=it.q.work, branches=it.results, target=it.publisher.target.id) for it in prepared]
+    return [ItemReport(name=it.name, work=it.q.work, branches=it.results,
+                       target=it.publisher.target.id if it.publisher is not None else "nowhere") for it in prepared]
 
 
 def _cause(exc: BaseException) -> BaseException:

@@ -633,6 +633,7 @@ class InvalidRepoId(PublishError):
     summary = "repo id {repo_id!r}: {reason}"
     repo_id: str
     reason: str
+    option: str = "--repo"  # the option or recipe key that named it
 
 
 class CardInvalid(PublishError):
@@ -645,7 +646,23 @@ class CardInvalid(PublishError):
 class NoHubToken(PublishError):
     """No Hugging Face token to publish with."""
 
-    summary = "no Hugging Face token"
+    summary = "no Hugging Face token to publish {repo}"
+    repo: str = ""
+
+
+class BaseModelUnknown(PublishError):
+    """Publishing to the Hub, the source's Hub id (the card's base_model) is not known."""
+
+    summary = "{source}: base_model unknown"
+    source: str
+
+
+class LocalTargetNotRepo(PublishError):
+    """The local target is a non-empty folder that is not a git repository."""
+
+    summary = "{path}: not empty and not a git repository ({found})"
+    path: Path
+    found: str
 
 
 class TokenCannotWrite(PublishError):

@@ -29,10 +29,11 @@ from quantkit.errors import (
 from quantkit.exl2 import converter as conv
 from quantkit.exl2 import finalize as fin
 from quantkit.exl2 import measurement as meas
+from quantkit.exl2.job import JOB_FILE
 from quantkit.exl2.resources import StepNeeds, adapt_needs, convert_needs, measure_needs
 from quantkit.exl2.status import LogLine
 from quantkit.model import Model, load_model
-from quantkit.source import published_name
+from quantkit.source import SourceRecord, identify, published_name
 from quantkit.workfolder import (
     AdapterRecord,
     BranchCalibration,
@@ -74,11 +75,15 @@ class Pipeline:
     """
 
     def __init__(self, settings: Settings, work: Path, *, converter: conv.Converter | None = None,
-                 listener: Listener | None = None, model: Model | None = None, weights: bool = True) -> None:
+                 listener: Listener | None = None, model: Model | None = None, weights: bool = True,
+                 keep_temp: bool = False) -> None:
         """`weights=False`: this machine only plans, calibrates and keeps the state (a cluster driver,
-        quantkit.cluster): a Hub model's config and tokenizer are fetched here, never its weights."""
+        quantkit.cluster): a Hub model's config and tokenizer are fetched here, never its weights.
+        `keep_temp`: keep the converter's scratch (out_tensor, calibration states) after a step is
+        finished and verified."""
         self.settings = settings
         self.weights = weights
+        self.keep_temp = keep_temp
         self.work = Work(work)
         self.converter = converter or conv.Converter()
         self.listener = listener
@@ -127,7 +132,7 @@ class Pipeline:
     @property
     def source_name(self) -> str:
         """How the files that are published (provenance, quantkit.json) name the source: never a local path."""
-        return published_name(self.settings.model, self.model.path)
+        return self.source().hub_id or published_name(self.settings.model, self.model_dir)
 
     @property
     def fingerprint(self) -> str:
@@ -183,7 +188,15 @@ class Pipeline:
                 self._reset(step)
             merged = {b.name: b for b in old.branches} | {b.name: b for b in new.branches}
             new = new.model_copy(update={"branches": list(merged.values())})
-        write_record(self.work.settings, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir)))
+        write_record(self.work.settings, SettingsRecord(settings=new, model_fingerprint=self.fingerprint, model_dir=str(self.model_dir),
+                                                      source=self.source()))
+
+    def source(self) -> SourceRecord:
+        """The source as the work folder records it: absolute path, Hub id and revision when known."""
+        found = identify(self.settings.model, self.model_dir)
+        if self.settings.base_model is not None:
+            found = found.model_copy(update={"hub_id": self.settings.base_model, "how": None})
+        return found
 
     def _done_branches(self) -> list[str]:
         return [k for k, v in self.state.steps.items() if k.startswith("convert:") and v.status != "pending"]
@@ -304,12 +317,13 @@ class Pipeline:
         """The one measurement pass (`-om`), resumed when its job folder survives."""
         s = self.settings
         cal = self.calibration_set()
+        job = conv.MeasureJob(model_dir=self.input_dir, work_dir=self.work.measure, measurement=self.work.measurement,
+                              calibration=cal.parquet, rows=s.measurement_rows, length=s.length)
         if self.state.done("measure") and self.work.provenance.is_file():
             prov = meas.read_provenance(self.work.measurement)
             meas.check_provenance(self.work.measurement, prov, fingerprint=self.fingerprint)
+            self.remove_scratch(job)
             return prov
-        job = conv.MeasureJob(model_dir=self.input_dir, work_dir=self.work.measure, measurement=self.work.measurement,
-                              calibration=cal.parquet, rows=s.measurement_rows, length=s.length)
         if not conv.is_finished(job):
             conv.preflight()
             self.check_disk([measure_needs(self.model, rows=s.measurement_rows, length=s.length)])
@@ -329,7 +343,25 @@ class Pipeline:
                                     adapter=self.adapter_record())
         write_record(self.work.provenance, prov)
         self.state.mark("measure", "done", sha256=prov.measurement_sha256)
+        self.remove_scratch(job)
         return prov
+
+    def remove_scratch(self, job: conv.Job) -> list[str]:
+        """Delete a finished job's scratch in its -o folder (out_tensor, calibration and hidden states:
+        several times the branch's size on a real model) once its outputs are verified; its job file
+        stays, so a rerun still finds the step finished. Nothing when `keep_temp`. Returns what went."""
+        if self.keep_temp or not conv.is_finished(job):
+            return []
+        removed = []
+        for p in sorted(job.work_dir.iterdir()):
+            if p.name == JOB_FILE:  # small, and what says the step finished (the log lies beside -o)
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p.name)
+        return removed
 
     def analysis(self) -> tuple[meas.Measurement, meas.BitRange, MeasurementProvenance]:
         """The recorded measurement, checked against this model, and the bitrates it reaches.
@@ -373,6 +405,7 @@ class Pipeline:
         job = self.convert_job(branch)
         done = read_branch_provenance(out) if self.state.done(step) and conv.is_finished(job) else None
         if done is not None:
+            self.remove_scratch(job)  # a run killed between finishing and cleaning up
             return BranchResult(branch=branch.name, folder=out, provenance=done, converter_seconds=0.0, skipped=True)
         if not conv.is_finished(job):
             conv.preflight()
@@ -400,4 +433,5 @@ class Pipeline:
         )
         written = fin.finalize(out, record, source_dir=self.input_dir)
         self.state.mark(step, "done", achieved_decoder_bpw=record.achieved_decoder_bpw)
+        self.remove_scratch(job)
         return BranchResult(branch=branch.name, folder=out, provenance=written, converter_seconds=result.seconds, skipped=result.skipped)

@@ -10,10 +10,12 @@ A recipe:
     length = 2048
     branches = "default"             # or a branch-set file, or inline [[branch]] tables ([[branches]] too)
 
+    base_model = "org/model"         # optional: the source's Hub id, when `model` is a folder that does not say
+
     eval = false                     # optional: no evaluation; or an [eval] table (rows, length, source, top_k)
 
-    [publish]                        # optional: without it, or without a token, into WORK/hub-repo
-    repo = "alice/Llama-3-8B-exl2"   # the Hub repo; private = true to create it private
+    [publish]                        # optional: without it the run converts and publishes nothing
+    repo = "alice/Llama-3-8B-exl2"   # the Hub repo (needs a token); private = true to create it private
     # to = "exl2-repo"               # or a local git repository (relative to the recipe)
 """
 
@@ -47,8 +49,12 @@ class RunRecipe(BaseModel):
 
     settings: Settings
     work: Path | None
-    publish: PublishOptions = PublishOptions()
+    publish: PublishOptions | None = None  # None: the recipe has no [publish] table
     eval: EvalSpec = EvalSpec()
+
+
+#: What a recipe's [publish] table may set; the other PublishOptions are the command's flags.
+PUBLISH_KEYS = ("repo", "private", "to", "prompt_format")
 
 
 def load_run_recipe(path: Path) -> RunRecipe:
@@ -78,7 +84,7 @@ def load_run_recipe(path: Path) -> RunRecipe:
     else:
         raise RecipeUnreadable(path, "branches must be a branch-set name or file, or [[branch]] tables")
     work = data.pop("work", None)
-    publish = _publish_spec(path, data.pop("publish", {}))
+    publish = _publish_spec(path, data.pop("publish")) if "publish" in data else None
     evaluation = _eval_spec(path, data.pop("eval", True))
     model = data["model"]
     if not isinstance(model, str):
@@ -110,8 +116,8 @@ def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if not isinstance(raw, dict):
         raise RecipeUnreadable(path, "publish must be a table: [publish] with repo = \"USER/NAME\" or to = \"folder\"")
     for key in raw:
-        if key not in PublishOptions.model_fields:
-            raise RecipeUnknownKey(path, key, "[publish]", list(PublishOptions.model_fields))
+        if key not in PUBLISH_KEYS:
+            raise RecipeUnknownKey(path, key, "[publish]", list(PUBLISH_KEYS))
     try:
         spec = PublishOptions(**raw)
     except ValidationError as exc:
@@ -119,6 +125,17 @@ def _publish_spec(path: Path, raw: Any) -> PublishOptions:
     if spec.to is not None and not spec.to.is_absolute():
         spec = spec.model_copy(update={"to": path.parent / spec.to})
     return spec
+
+
+def publish_options(recipe: PublishOptions | None, *, repo: str | None = None, to: Path | None = None, private: bool = False,
+                    force: bool = False, base_model: str | None = None, no_base_model: bool = False) -> PublishOptions | None:
+    """The recipe's [publish] table with the command's flags over it; None when neither names a Hub
+    repo or a local repository (the run then publishes nothing)."""
+    options = recipe or PublishOptions()
+    update: dict[str, Any] = {k: v for k, v in {"repo": repo, "to": to, "base_model": base_model}.items() if v is not None}
+    update |= {k: True for k, v in {"private": private, "force": force, "no_base_model": no_base_model}.items() if v}
+    options = options.model_copy(update=update)
+    return options if options.repo is not None or options.to is not None else None
 
 
 def check_run_paths(r: RunRecipe, work: Path) -> None:
@@ -129,7 +146,7 @@ def check_run_paths(r: RunRecipe, work: Path) -> None:
     """
     model_dir = guards.local_model_dir(r.settings.model)
     guards.check_work_folder(work, model_dir)
-    guards.refuse_overlap(r.publish.to, model_dir, what="[publish] to")
+    guards.refuse_overlap(r.publish.to if r.publish is not None else None, model_dir, what="[publish] to")
 
 
 class DryStep(BaseModel):
@@ -156,7 +173,7 @@ class DryRun(BaseModel):
 
 def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     """The plan without running anything: steps with their state, disk/RAM/VRAM, reachable bitrates, and
-    where it publishes (`publish`: the recipe's [publish] table; none names the local WORK/hub-repo)."""
+    where it publishes (`publish`: the recipe's [publish] table with the command's flags; None: nowhere)."""
     s = p.settings
     m: Model = p.model
     steps = [DryStep(step="calibration", status=p.state.get("calibration").status, needs=None)]
@@ -170,10 +187,17 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
         steps.append(DryStep(step=convert_step(b.name), status=p.state.get(convert_step(b.name)).status,
                              needs=convert_needs(m, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length),
                              inference_vram_bytes=infer.get(b.name)))
-    publish = publish or PublishOptions()
-    choice = choose_target(p.work.root, repo=publish.repo, to=publish.to, private=publish.private)
-    for name in ["main"] + [b.name for b in s.branches]:
-        steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, choice.target.id), needs=None))
+    target, warnings = "nowhere: the recipe has no publish table (add [publish], or pass --repo / --to)", []
+    if publish is not None:
+        try:
+            choice = choose_target(publish)
+        except QuantkitError as exc:  # said, not raised: the plan is still worth seeing
+            target, warnings = f"{publish.repo or publish.to}", [f"a real run stops before converting: {exc}"]
+        else:
+            target, warnings = choice.target.id, choice.warnings
+            names = [b.name for b in s.branches]
+            for name in names[:1] + ["main"] + names[1:]:  # main goes out with the first branch, never before
+                steps.append(DryStep(step=f"publish:{name}", status=_published_status(p.work.root, name, target), needs=None))
     reachable = None
     unreachable: list[str] = []
     note = "reachable bitrates are known once the measurement exists"
@@ -188,7 +212,7 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
         except QuantkitError:
             pass
     return DryRun(steps=steps, reachable=reachable, unreachable=unreachable, note=note,
-                  publish_target=choice.target.id, publish_warnings=choice.warnings, needs=run_needs(p, steps))
+                  publish_target=target, publish_warnings=warnings, needs=run_needs(p, steps))
 
 
 def run_needs(p: Pipeline, steps: list[DryStep]) -> list[str]:
@@ -227,24 +251,28 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
 def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluation: Evaluation | None = None, *,
             slots: SlotPlan | None = None) -> list[BranchResult]:
     """calibration -> measure -> (all branches checked reachable) -> convert each, and with a publisher:
-    main once the measurement exists, then each branch uploading while the next one converts.
+    its pre-flight before any of it, then each branch uploading while the next one converts (`main`
+    with the first).
 
     With `slots` (quantkit.parallel), the branches convert side by side, one per GPU, and each is
     handed to the publisher as it finishes.
 
     With an evaluation, the reference logits come right after the measurement and each branch is
-    evaluated once converted (on this thread, as it is handed over): one that fails is not published
-    (the run goes on with the others), and main is published again at the end with the card's KL/PPL
-    columns, eval.json and the chart.
+    evaluated once converted, before it is handed over (on this thread): one that fails to load or gives
+    non-finite logits is never published, and the run goes on with the others. Each landing renders the
+    card from the work folder, so main's card carries the KL/PPL of the branches listed, and main gets
+    eval.json and the chart.
 
     An upload that failed is raised (PublishFailed) after the conversion in flight finishes; the
     worker is joined before this returns or raises.
     """
-    p.calibration_set()
-    p.measure()
-    p.check_branches(p.settings.branches)
-    if evaluation is not None:
-        evaluation.reference()
+
+    def prepare() -> None:
+        p.calibration_set()
+        p.measure()
+        p.check_branches(p.settings.branches)
+        if evaluation is not None:
+            evaluation.reference()
 
     def passes(r: BranchResult) -> bool:
         """Evaluate a converted branch; whether it may be published."""
@@ -254,11 +282,20 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluatio
         p.state.mark(f"eval:{r.branch}", ev.status, **({"error": ev.error} if ev.error else {"kl_mean": ev.kl_mean}))
         return ev.status == "done"
 
-    if slots is not None:
-        if publisher is None:
+    if publisher is None:
+        prepare()
+        if slots is not None:
             return convert_parallel(p, p.settings.branches, slots, on_done=passes)
-        with publisher:
-            publisher.begin()
+        results = []
+        for b in p.settings.branches:
+            results.append(p.convert(b))
+            passes(results[-1])
+        return results
+    with publisher:
+        # Before any work: a token that cannot write, or a Hub publish without base_model, stops the run now.
+        publisher.begin()
+        prepare()
+        if slots is not None:
 
             def hand_over(r: BranchResult) -> None:
                 ok = passes(r)
@@ -267,25 +304,13 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluatio
                     publisher.submit(r.branch)
 
             results = convert_parallel(p, p.settings.branches, slots, on_done=hand_over)
-            publisher.finish()
-            if evaluation is not None:
-                publisher.refresh_main()
-        return results
-    results: list[BranchResult] = []
-    if publisher is None:
-        for b in p.settings.branches:
-            results.append(p.convert(b))
-            passes(results[-1])
-        return results
-    with publisher:
-        publisher.begin()
-        for b in p.settings.branches:
-            results.append(p.convert(b))
-            ok = passes(results[-1])
-            publisher.check()  # an earlier upload failed: stop before the next conversion
-            if ok:
-                publisher.submit(b.name)
+        else:
+            results = []
+            for b in p.settings.branches:
+                results.append(p.convert(b))
+                ok = passes(results[-1])
+                publisher.check()  # an earlier upload failed: stop before the next conversion
+                if ok:
+                    publisher.submit(b.name)
         publisher.finish()
-        if evaluation is not None:
-            publisher.refresh_main()
     return results

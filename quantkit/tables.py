@@ -36,7 +36,7 @@ def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = Non
         first = cells[contexts[0]]
         line = [br, f"{first.bits:g}" if first.bits % 1 else f"{first.bits:.1f}", str(first.head_bits)]
         if sizes:
-            line.append(format_gib(sizes.get(br, 0)))
+            line.append(format_size(sizes.get(br, 0)))
         line += [column.get(br, "-") for column in extra.values()]
         line += [format_gib(cells[c].total_bytes) + (f" {BEYOND_MARK}" if cells[c].beyond_native else "") for c in contexts]
         line.append(plan.descriptions.get(br, ""))
@@ -44,6 +44,14 @@ def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = Non
     if any(r.beyond_native for r in rows):
         lines += ["", beyond_footnote(plan)]
     return "\n".join(lines)
+
+
+def format_size(n: int) -> str:
+    """A file size: GiB like the VRAM columns, MiB or KiB below 1 GiB so a small branch does not read 0.0."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def cache_statement(plan: Plan, cache: str) -> str:

@@ -11,7 +11,7 @@
     WORK/jobs/<branch>/                 exllamav2's -o per bitrate (kept: a rerun resumes mid-conversion)
     WORK/out/<branch>/                  -cf, cleaned for publishing; quantkit.json is its BranchProvenance
     WORK/publish/README.md              the card as it was published
-    WORK/hub-repo/                      the local git target when there is no Hub token
+    WORK/publish/files/<branch>/        published copies of JSON files that held a local path
 
 Each record is a frozen pydantic model written by `write_record` and read back by `read_record` with the
 same model, so there is one schema and no reader guessing at key names. Every record carries `version`
@@ -107,17 +107,34 @@ class Settings(_Frozen):
     measurement_rows: int = 16  # measurement pass (-mr)
     length: int = 2048  # tokens per row, both passes (-l, -ml)
     branches: list[Branch] = Field(default_factory=list)
+    base_model: str | None = None  # the source's Hub id for the card, when `model` is a folder that does not say
 
     @field_validator("rows", "measurement_rows", "length")
     @classmethod
     def _positive(cls, v: int, info: Any) -> int:
         return check_count(info.field_name, v)
 
+    @field_validator("base_model")
+    @classmethod
+    def _hub_id(cls, v: str | None) -> str | None:
+        from quantkit.source import check_hub_id
+
+        return None if v is None else check_hub_id(v, option="base_model")
+
     @field_validator("branches")
     @classmethod
     def _unique(cls, v: list[Branch]) -> list[Branch]:
         guards.check_unique_branches(b.name for b in v)
         return v
+
+
+class SourceRecord(_Frozen):
+    """The source model (`quantkit.source.identify`): where its files are and who it is on the Hub."""
+
+    path: str | None = None  # the folder the weights were read from, absolute
+    hub_id: str | None = None  # its Hub repo id, when known
+    revision: str | None = None  # the commit it was downloaded at, when known
+    how: str | None = None  # how the Hub id was found when the user did not name it, said on screen
 
 
 class SettingsRecord(Record):
@@ -127,6 +144,7 @@ class SettingsRecord(Record):
     model_fingerprint: str
     model_dir: str | None = None  # the folder the weights were read from (a Hub model's snapshot); not published
     quantkit_version: str = __version__
+    source: SourceRecord | None = None  # None in folders from before it was recorded
 
 
 Status = Literal["pending", "running", "done", "failed"]
@@ -361,29 +379,32 @@ def _branch_sort_key(name: str) -> tuple[float, str]:
 
 def published_records(work: Path) -> dict[str, Path]:
     """recipe.json and measurement.provenance.json as `main` publishes them, written into WORK/publish/:
-    the source named by its Hub id or folder name (`quantkit.source.published_name`), no local path.
-    The work folder's own copies keep the path a rerun needs."""
+    the source named by its Hub id when known, else its folder name (`quantkit.source.published_name`);
+    no local path (`model_dir`, `source.path` and `source.how` stay in the work folder's own copies,
+    which a rerun reads)."""
     from quantkit.source import published_name
 
     w = Work(work)
     settings = read_settings(work)
     prov = read_provenance(work)
     records: dict[str, Record] = {}
+    name: str | None = None
     if settings is not None:
-        name = published_name(settings.settings.model, settings.model_dir)
-        records[SETTINGS] = settings.model_copy(update={"settings": settings.settings.model_copy(update={"model": name}),
-                                                      "model_dir": None})
+        name = (settings.source.hub_id if settings.source is not None else None) or published_name(
+            settings.settings.model, settings.model_dir)
+        source = settings.source.model_copy(update={"path": None, "how": None}) if settings.source is not None else None
+        records[SETTINGS] = settings.model_copy(update={
+            "settings": settings.settings.model_copy(update={"model": name}), "model_dir": None, "source": source})
     if prov is not None:
-        ref = settings.settings.model if settings is not None else prov.model_ref
-        records[PROVENANCE] = prov.model_copy(update={"model_ref": published_name(ref, settings.model_dir if settings else None)})
+        records[PROVENANCE] = prov.model_copy(update={"model_ref": name or published_name(prov.model_ref)})
     out: dict[str, Path] = {}
-    for name, record in records.items():
-        path = w.publish / name
+    for file, record in records.items():
+        path = w.publish / file
         text = record.model_dump_json(indent=2, exclude_none=True) + "\n"
         if not path.is_file() or path.read_text(encoding="utf-8") != text:  # unchanged: same mtime, no rehash
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, text)
-        out[name] = path
+        out[file] = path
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -78,10 +79,54 @@ def test_front_matter_round_trip_and_never_the_sources_base_model(tmp_path: Path
         "base_model_relation": "quantized",
         "license": "cc-by-nc-4.0",
         "pipeline_tag": "text-generation",
-        "tags": ["exl2", "exllamav2", "quantized"],
+        "tags": ["exl2", "exllamav2", "quantized", "source-tag"],  # quantkit's, then the source's
         "quantized_by": "bob",
     }
     assert "some-org/the-sources-own-parent" not in text.split("# Original model card")[0]
+
+
+def test_the_sources_metadata_is_carried(tmp_path: Path) -> None:
+    folder = seed_folder(tmp_path, "starling-lm-11b-alpha", card=(
+        "---\nlicense: apache-2.0\nlanguage:\n- en\n- fr\ndatasets:\n- acme/chats\npipeline_tag: text-generation\n"
+        "tags:\n- chat\n- exl2\nbase_model: acme/parent\n---\n# m\n"))
+    data = ModelCard(render_card(card_spec(folder, base_model="acme/m"))).data.to_dict()
+    assert data["base_model"] == "acme/m" and data["base_model_relation"] == "quantized"
+    assert (data["license"], data["language"], data["datasets"]) == ("apache-2.0", ["en", "fr"], ["acme/chats"])
+    assert data["tags"] == ["exl2", "exllamav2", "quantized", "chat"]
+
+
+def test_a_source_card_whose_front_matter_does_not_parse_is_a_warning(tmp_path: Path) -> None:
+    folder = seed_folder(tmp_path, "starling-lm-11b-alpha", card="---\nlicense: [unclosed\ntags: {\n---\n# The body\n\nkept.\n")
+    spec = card_spec(folder, base_model="acme/m")
+    assert spec.license is None and spec.source_tags == []
+    assert any("front matter does not parse" in n for n in spec.notes)
+    text = render_card(spec)
+    data = ModelCard(text).data.to_dict()
+    assert data["base_model"] == "acme/m" and "license" not in data
+    assert "# The body\n\nkept." in text and "unclosed" not in text
+    result = CliRunner().invoke(cli, ["card", str(folder), "--base-model", "acme/m"])
+    assert result.exit_code == 0 and "front matter does not parse" in result.stderr
+
+
+def test_base_model_from_the_hub_cache_path_and_from_config(tmp_path: Path) -> None:
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    cached = seed_folder(tmp_path / "hub" / "models--CallComply--Starling-LM-11B-alpha" / "snapshots", "starling-lm-11b-alpha")
+    cached = cached.rename(cached.parent / rev)
+    spec = card_spec(cached)
+    assert spec.base_model == "CallComply/Starling-LM-11B-alpha"
+    assert any("Hugging Face cache" in n for n in spec.notes)
+    folder = seed_folder(tmp_path, "starling-lm-11b-alpha")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | {"_name_or_path": "CallComply/Starling-LM-11B-alpha"}))
+    assert card_spec(folder).base_model == "CallComply/Starling-LM-11B-alpha"
+    (folder / "config.json").write_text(json.dumps(cfg | {"_name_or_path": "/home/me/models/starling"}))
+    assert card_spec(folder).base_model is None
+
+
+def test_an_invalid_base_model_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["card", str(make_work(tmp_path)), "--base-model", "not a/valid--id"])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "is not valid" in result.stderr and "--base-model" in result.stderr
 
 
 def test_license_other_carries_name_and_link(tmp_path: Path) -> None:

@@ -93,10 +93,14 @@ SAMPLES = [
     (e.NotAnExl2Branch(Path("w/out/x"), "no config.json"), "w/out/x is not a converted EXL2 model (no config.json): name a branch folder"),
     (e.EvalReferenceFailed("tiny", "boom"), "(tiny: boom); nothing was evaluated: fix the cause and rerun `quantkit eval WORK`"),
     # publish
-    (e.InvalidRepoId("a b", "bad"), "USER/NAME"),
+    (e.InvalidRepoId("a b", "bad"), "USER/NAME, e.g. --repo alice/"),
+    (e.InvalidRepoId("a", "it must be exactly USER/NAME", "--base-model"), "e.g. --base-model meta-llama/"),
     (e.InvalidBranchName("6 5"), "letters, digits"),
     (e.CardInvalid("bad yaml"), "the model card does not validate: bad yaml; fix"),
-    (e.NoHubToken(), "hf auth login"),
+    (e.NoHubToken("a/b"), "no Hugging Face token to publish a/b: log in with `hf auth login` (or set HF_TOKEN), or publish into a local git repository with --to PATH"),
+    (e.BaseModelUnknown("my-model"), "my-model is not a Hub id, so the card would have no base_model"),
+    (e.BaseModelUnknown("my-model"), "pass --base-model USER/NAME (or --no-base-model to publish without it)"),
+    (e.LocalTargetNotRepo(Path("r"), "notes.txt"), "r is not empty and not a git repository (it holds notes.txt): pick a new or empty folder"),
     (e.TokenCannotWrite("org", "bob", "read-only"), "write token"),
     (e.HubRequestFailed("create_commit", 403, "forbidden"), "create_commit failed on the Hub (HTTP 403): forbidden; rerun"),
     (e.HubRequestFailed("upload", None, "timeout", 3), "(HTTP no response, after 3 attempts): timeout"),
@@ -105,8 +109,8 @@ SAMPLES = [
     (e.BranchVerifyFailed("hub:a/b", "main", ["README.md"], []), "(missing: README.md; unexpected: none); rerun"),
     (e.GitFailed(["commit-tree", "-p", "abc", "def"], "boom"), "git commit-tree -p abc failed: boom; check the local target"),
     (e.LocalTargetDirty(Path("r"), ["README.md"]), "commit or stash"),
-    (e.PublishFailed("6_5", "hub:a/b", e.NoHubToken()),
-     "branch 6_5 was converted but not published to hub:a/b: no Hugging Face token: log in with `hf auth login`"),
+    (e.PublishFailed("6_5", "hub:a/b", e.NoHubToken("a/b")),
+     "branch 6_5 was converted but not published to hub:a/b: no Hugging Face token to publish a/b: log in with `hf auth login`"),
 ]
 
 

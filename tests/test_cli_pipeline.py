@@ -39,7 +39,10 @@ def test_run_end_to_end_then_rerun_is_a_no_op(tmp_path, tiny_llama, converter_do
 def test_run_dry_run_runs_nothing(tmp_path, tiny_llama, converter_double):
     r = invoke("run", recipe(tmp_path, tiny_llama), "--dry-run")
     assert r.exit_code == 0, r.output
-    assert "convert:6_5" in r.output and "publish:6_5" in r.output
+    assert "convert:6_5" in r.output and "publish:" not in r.output and "no publish table (add [publish]" in r.output
+    r = invoke("run", recipe(tmp_path, tiny_llama), "--dry-run", "--to", tmp_path / "exl2")
+    assert r.exit_code == 0, r.output
+    assert "convert:6_5" in r.output and "publish:6_5" in r.output and not (tmp_path / "exl2").exists()
     assert not (tmp_path / "w" / "measure").exists()
 
 

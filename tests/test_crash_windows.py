@@ -86,13 +86,16 @@ def reference(tmp_path_factory, tiny_llama) -> tuple[dict, int]:
     return outcome(work), len(seen)
 
 
-WRITES = 14  # a one-branch run's atomic writes (reference checks the count): each is a case below
+#: Room for a one-branch run's atomic writes (14 today); cases past the run's real count skip.
+MAX_WRITES = 20
 
 
-@pytest.mark.parametrize("k", range(1, WRITES + 1))
+@pytest.mark.parametrize("k", range(1, MAX_WRITES + 1))
 def test_a_kill_inside_any_write_leaves_a_job_that_resumes_to_the_same_result(k, tmp_path, tiny_llama, converter_double, monkeypatch, reference):
     expected, writes = reference
-    assert writes == WRITES  # a new write in the pipeline: add its case
+    assert writes <= MAX_WRITES, "the run writes more files than there are cases: raise MAX_WRITES"
+    if k > writes:
+        pytest.skip(f"the run makes {writes} writes")
     work = tmp_path / "w"
     seen = kill_at_commit(monkeypatch, k)
     with pytest.raises(Killed):
@@ -237,13 +240,16 @@ def test_a_half_written_card_on_disk_is_never_published(tmp_path):
 
 def test_a_kill_while_the_card_is_written_leaves_the_old_card(tmp_path, monkeypatch):
     work = make_work(tmp_path)
-    from quantkit.publish.publisher import write_card
+    from quantkit.publish import PublishOptions, Publisher
 
-    card = write_card(work, "a/b")
+    def write_card(repo: str) -> Path:
+        return Publisher(work, PublishOptions(repo=repo, to=tmp_path / "repo"), say=print).write_card(["8_0"])
+
+    card = write_card("a/b")
     old = card.read_text()
     seen = kill_at_commit(monkeypatch, 1)
     with pytest.raises(Killed):
-        write_card(work, "c/d")
+        write_card("c/d")
     assert seen == ["README.md"] and card.read_text() == old
 
 

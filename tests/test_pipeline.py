@@ -26,6 +26,7 @@ from quantkit.errors import (
 from quantkit.exl2 import finalize as fin
 from quantkit.exl2.measurement import load_measurement, reachable_range
 from quantkit.pipeline import Pipeline, Settings
+from quantkit.publish import PublishOptions
 from quantkit.run import dry_run, run_all
 from tiny import make_tiny_llama
 
@@ -179,8 +180,11 @@ def test_settings_that_invalidate_finished_work_are_locked(tmp_path, tiny_llama,
 def test_dry_run_lists_steps_with_needs_and_reachable_bits(tmp_path, tiny_llama, converter_double):
     p = pipeline(tiny_llama, tmp_path / "w", bits=(8.0, 2.0))
     d = dry_run(p)
-    assert [s.step for s in d.steps] == ["calibration", "measure", "convert:8", "convert:2", "publish:main", "publish:8", "publish:2"]
-    assert d.publish_target == f"git:{(tmp_path / 'w' / 'hub-repo').resolve()}" and "no Hub repo named" in d.publish_warnings[0]
+    assert [s.step for s in d.steps] == ["calibration", "measure", "convert:8", "convert:2"]
+    assert d.publish_target.startswith("nowhere")
+    d = dry_run(p, PublishOptions(to=tmp_path / "repo"))
+    assert [s.step for s in d.steps] == ["calibration", "measure", "convert:8", "convert:2", "publish:8", "publish:main", "publish:2"]
+    assert d.publish_target == f"git:{(tmp_path / 'repo').resolve()}" and not (tmp_path / "repo").exists()
     assert d.reachable is None
     assert all(s.needs.disk_bytes > 0 and s.needs.vram_bytes > 0 for s in d.steps if s.step.startswith(("measure", "convert")))
     p.measure()

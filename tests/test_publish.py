@@ -9,6 +9,7 @@ from unittest.mock import call
 import httpx2
 import pytest
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
 
 from fakehub import FakeHub, http_error
 from quantkit import hub
@@ -37,7 +38,7 @@ REPO = "alice/tiny-exl2"
 
 def publish(work: Path, target, *, repo: str, force: bool = False) -> list[SyncResult]:
     """The publish stage as `quantkit publish` runs it, on a given target."""
-    return publish_work(work, PublishOptions(repo=repo, force=force), target=target).results
+    return publish_work(work, PublishOptions(repo=repo, force=force), target=target).commits
 
 
 @pytest.fixture
@@ -71,10 +72,13 @@ def test_first_publish_makes_exactly_these_calls(tmp_path: Path, fake: FakeHub) 
         call(REPO, branch="6_5", revision=first, exist_ok=True),
     ]
     commits = api.create_commit.call_args_list
-    assert [c.kwargs["revision"] for c in commits] == ["main", "8_0", "6_5"]
-    assert _ops(commits[0]) == ["README.md", "measurement.json", "measurement.provenance.json", "recipe.json"]
-    assert _ops(commits[1]) == ["README.md", "config.json", "output.safetensors", "quantkit.json", "tokenizer_config.json"]
-    assert commits[0].kwargs["commit_message"].startswith("quantkit")
+    # A branch, then main (never before the first branch), then the next branch and the READMEs that
+    # must now list it.
+    assert [c.kwargs["revision"] for c in commits] == ["8_0", "main", "6_5", "main", "8_0"]
+    assert _ops(commits[0]) == ["README.md", "config.json", "output.safetensors", "quantkit.json", "tokenizer_config.json"]
+    assert _ops(commits[1]) == ["README.md", "measurement.json", "measurement.provenance.json", "recipe.json"]
+    assert _ops(commits[3]) == _ops(commits[4]) == ["README.md"]
+    assert all(c.kwargs["commit_message"].startswith("quantkit") for c in commits)
     # The README commit on main carries the card; every branch carries the same card and not main's files.
     card = (work / "publish" / "README.md").read_bytes()
     assert fake.files("main")["README.md"] == card and b"hf download alice/tiny-exl2 --revision 6_5" in card
@@ -83,8 +87,9 @@ def test_first_publish_makes_exactly_these_calls(tmp_path: Path, fake: FakeHub) 
         assert sorted(files) == [".gitattributes", "README.md", "config.json", "output.safetensors", "quantkit.json", "tokenizer_config.json"]
         assert files["README.md"] == card
         assert files["output.safetensors"] == (work / "out" / b / "output.safetensors").read_bytes()
-        assert fake.history(b) == [f"quantkit: branch {b} ({float(b.replace('_', '.')):g} bpw)", "initial commit"]
-    assert [r.committed for r in results] == [True, True, True]
+    assert fake.history("6_5") == ["quantkit: branch 6_5 (6.5 bpw)", "initial commit"]
+    assert fake.history("8_0") == ["quantkit: README lists 8_0, 6_5", "quantkit: branch 8_0 (8 bpw)", "initial commit"]
+    assert [(r.branch, r.committed) for r in results] == [("8_0", True), ("main", True), ("6_5", True), ("main", True), ("8_0", True)]
     state = json.loads((work / "state.json").read_text())
     assert set(state["published"]) == {"main", "8_0", "6_5"}
     assert state["published"]["6_5"][f"hub:{REPO}"]["commit"] == fake.branches["6_5"]
@@ -185,10 +190,12 @@ def test_interrupted_run_finishes_only_what_is_missing(tmp_path: Path, fake: Fak
     hub_id = f"hub:{REPO}"
     assert {b for b, r in state["published"].items() if r[hub_id]["verified"]} == {"main", "8_0"}
     assert "connection lost" in state["published"]["6_5"][hub_id]["error"]  # the state says which one failed
+    assert b"6_5 |" not in fake.files("main")["README.md"]  # the card never lists a branch that is not there
     fake.api.create_commit.side_effect = None  # type: ignore[attr-defined]
     fake.api.reset_mock()  # type: ignore[attr-defined]
     publish(work, _target(), repo=REPO)
-    assert [c.kwargs["revision"] for c in fake.api.create_commit.call_args_list] == ["6_5", "5_0"]  # type: ignore[attr-defined]
+    assert [c.kwargs["revision"] for c in fake.api.create_commit.call_args_list] == [  # type: ignore[attr-defined]
+        "6_5", "main", "8_0", "5_0", "main", "8_0", "6_5"]
     published = json.loads((work / "state.json").read_text())["published"]
     assert {b for b, r in published.items() if r[hub_id]["verified"]} == {"main", "8_0", "6_5", "5_0"}
     assert "error" not in published["6_5"][hub_id]
@@ -196,9 +203,9 @@ def test_interrupted_run_finishes_only_what_is_missing(tmp_path: Path, fake: Fak
 
 def test_commit_that_landed_before_the_error_is_not_repeated(tmp_path: Path, fake: FakeHub) -> None:
     work = make_work(tmp_path)
-    fake.land_then_fail = [http_error(504)]  # the gateway timed out, but main's commit went through
+    fake.land_then_fail = [http_error(504)]  # the gateway timed out, but 8_0's commit went through
     publish(work, _target(), repo=REPO)
-    assert fake.history("main") == ["quantkit: measurement.json, README and recipe", "initial commit"]
+    assert fake.history("8_0") == ["quantkit: README lists 8_0, 6_5", "quantkit: branch 8_0 (8 bpw)", "initial commit"]
 
 
 def test_commit_that_changed_nothing_is_caught_and_a_rerun_finishes(tmp_path: Path, fake: FakeHub) -> None:
@@ -206,9 +213,9 @@ def test_commit_that_changed_nothing_is_caught_and_a_rerun_finishes(tmp_path: Pa
     fake.noop_commits = 1  # the server says yes and nothing lands (unsloth #2370's silent case)
     with pytest.raises(BranchVerifyFailed) as info:
         publish(work, _target(), repo=REPO)
-    assert info.value.branch == "main" and "README.md" in info.value.missing
+    assert info.value.branch == "8_0" and "README.md" in info.value.missing
     publish(work, _target(), repo=REPO)
-    assert "measurement.json" in fake.files("main")
+    assert "measurement.json" in fake.files("main") and "output.safetensors" in fake.files("8_0")
 
 
 def test_foreign_files_are_refused_and_named_then_forced(tmp_path: Path, fake: FakeHub) -> None:
@@ -250,7 +257,7 @@ def test_publish_branch_alone_for_the_run_overlap(tmp_path: Path, fake: FakeHub)
         (work / "out" / "4_0" / f.name).write_bytes(f.read_bytes())
     target = _target()
     target.prepare()
-    result = publish_branch(work, "4_0", target)
+    result = publish_branch(work, "4_0", target, card=work / "publish" / "README.md")
     assert result.committed and "output.safetensors" in fake.files("4_0")
     assert "4_0" in json.loads((work / "state.json").read_text())["published"]
 
@@ -332,22 +339,51 @@ def test_cli_publishes_to_the_hub_with_a_token(tmp_path: Path, fake: FakeHub, mo
     result = CliRunner().invoke(cli, ["publish", str(work), "--repo", REPO])
     assert result.exit_code == 0, result.output
     assert "token: alice can write to alice" in result.stderr
-    assert f"hub:{REPO}: 3 branches verified, 3 commits made" in result.stderr
-    assert fake.api.create_commit.call_count == 3  # type: ignore[attr-defined]
+    assert f"hub:{REPO}: main, 8_0, 6_5 verified, 5 commits made" in result.stderr
+    assert fake.api.create_commit.call_count == 5  # type: ignore[attr-defined]
+    result = CliRunner().invoke(cli, ["publish", str(work), "--repo", REPO, "--format", "json"])
+    data = json.loads(result.stdout)
+    assert data["target"] == f"hub:{REPO}" and data["url"] == f"https://huggingface.co/{REPO}" and data["path"] is None
+    assert data["branches"] == ["main", "8_0", "6_5"] and not any(c["committed"] for c in data["commits"])
 
 
-def test_cli_defaults_to_local_git_without_a_token(tmp_path: Path, fake: FakeHub) -> None:
+def test_cli_without_a_token_fails_and_writes_nothing(tmp_path: Path, fake: FakeHub) -> None:
+    # No silent local fallback: the exit status says nothing was published.
     work = make_work(tmp_path)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
     result = CliRunner().invoke(cli, ["publish", str(work), "--repo", REPO])
-    assert result.exit_code == 0, result.output
-    assert "no Hugging Face token configured: publishing into the local git repository" in result.stderr
-    assert (work / "hub-repo" / "measurement.json").is_file()
+    assert result.exit_code == 1
+    assert result.stderr == (f"error: no Hugging Face token to publish {REPO}: log in with `hf auth login` (or set HF_TOKEN), "
+                             "or publish into a local git repository with --to PATH\n")
+    assert sorted(p.relative_to(work) for p in work.rglob("*") if not p.name.startswith(".quantkit.lock")) == before
     fake.api.create_repo.assert_not_called()  # type: ignore[attr-defined]
+
+
+def test_hub_publish_without_base_model_stops_unless_told(tmp_path: Path, fake: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hub, "token", lambda: "hf_fake")
+    monkeypatch.setattr(hub, "ensure_reachable", lambda repo_id: None)
+    src = tmp_path / "my-finetune"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    work = make_work(tmp_path, source=str(src))
+    result = CliRunner().invoke(cli, ["publish", str(work), "--repo", REPO])
+    assert result.exit_code == 1 and result.stderr.count("\n") == 1
+    assert "not a Hub id, so the card would have no base_model" in result.stderr and "--base-model USER/NAME" in result.stderr
+    fake.api.create_repo.assert_not_called()  # type: ignore[attr-defined]
+    result = CliRunner().invoke(cli, ["publish", str(work), "--repo", REPO, "--base-model", "acme/Llama-3-8B"])
+    assert result.exit_code == 0, result.output
+    meta = ModelCard(fake.files("6_5")["README.md"].decode()).data.to_dict()
+    assert meta["base_model"] == "acme/Llama-3-8B" and meta["base_model_relation"] == "quantized"
+    other = make_work(tmp_path, source=str(src), name="other")
+    result = CliRunner().invoke(cli, ["publish", str(other), "--repo", "alice/other-exl2", "--no-base-model"])
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize(("args", "expect"), [
     (["--repo", "not a repo"], "is not valid"),
     (["--repo", "a/b/c"], "exactly USER/NAME"),
+    (["--repo", REPO, "--base-model", "not/a/model"], "e.g. --base-model"),
+    (["--repo", REPO, "--base-model", "bad id!/x"], "is not valid"),
 ])
 def test_cli_bad_input_is_one_line(tmp_path: Path, fake: FakeHub, args: list[str], expect: str) -> None:
     work = make_work(tmp_path)

@@ -97,10 +97,11 @@ def test_calibration_to_publish_through_the_real_converter(tmp_path, tiny_llama_
         # each published branch holds exactly the finalized folder plus the card and .gitattributes
         assert sorted(git(repo, "ls-tree", "-r", "--name-only", r.branch).split()) == sorted(BRANCH_FILES + [".gitattributes", "README.md"])
     assert_nothing_local_published(repo, ["main"] + [r.branch for r in results], [tiny_llama_exl2, work])
+    # named by its Hub id, here from config.json's _name_or_path (quantkit.source.identify)
     recipe = json.loads(git(repo, "show", "main:recipe.json"))
-    assert recipe["settings"]["model"] == tiny_llama_exl2.name
-    assert json.loads(git(repo, "show", "main:measurement.provenance.json"))["model_ref"] == tiny_llama_exl2.name
-    assert all(r.provenance.source_model == tiny_llama_exl2.name for r in results)
+    assert recipe["settings"]["model"] == "tiny/llama" and recipe["source"] == {"hub_id": "tiny/llama"}
+    assert json.loads(git(repo, "show", "main:measurement.provenance.json"))["model_ref"] == "tiny/llama"
+    assert all(r.provenance.source_model == "tiny/llama" for r in results)
     sizes = [r.provenance.bytes for r in results]
     assert sizes == sorted(sizes, reverse=True)  # more bits, more bytes
 

@@ -10,6 +10,7 @@ from quantkit.card import card_spec, parse_card, render_card
 from quantkit.cli.output import Output
 from quantkit.files import write_output
 from quantkit.guards import is_within, local_model_dir, recorded_model_dir, refuse_in_model
+from quantkit.source import check_hub_id
 from quantkit.workfolder import is_work_folder
 from quantkit.worklock import command_line, work_lock
 
@@ -35,6 +36,8 @@ def card(ref: str, repo: str | None, output: Path | None, prompt_fmt: str | None
       quantkit card work/rocket --prompt-format chatml --cache q4
     """
     out = Output()
+    if base_model is not None:
+        check_hub_id(base_model)
     work = Path(ref).expanduser() if is_work_folder(Path(ref).expanduser()) else None
     if output is not None:
         model_dir = recorded_model_dir(work) if work is not None else local_model_dir(ref)

@@ -26,6 +26,7 @@ def run_on_cluster(out: Output, jobs: list[tuple[RunRecipe, Path, Path]], *, add
     for rep in reports:
         for branch, info in rep.branches.items():
             bpw = info.get("achieved_decoder_bpw")
-            out.rich(f"{rep.name} {branch}: {bpw:.3f} bpw, converted on {info.get('node')}, published to {rep.target}"
-                     if isinstance(bpw, (int, float)) else f"{rep.name} {branch}: published to {rep.target}")
+            where = f", published to {rep.target}" if info.get("published") else ", not published"
+            out.rich(f"{rep.name} {branch}: {bpw:.3f} bpw, converted on {info.get('node')}{where}"
+                     if isinstance(bpw, (int, float)) else f"{rep.name} {branch}{where}")
     out.info(f"cluster queue: {len(reports)} recipe(s) in {total:.2f} s")

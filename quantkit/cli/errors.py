@@ -51,7 +51,7 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.DuplicateBranchName, lambda x: f"branch name {x.name!r} is given twice" + (f" in {x.source}" if x.source else "") + ": give each branch its own name (two bitrates would share one folder and one Hub branch)"),
     row(e.RecipeUnknownKey, lambda x: f"recipe {x.path}: unknown key {x.key!r} in {x.table}: fix its spelling or remove it (known: {', '.join(x.known)})"),
     row(e.PathOverlapsModel, lambda x: f"{x.what} {x.path} overlaps the model folder {x.model_dir}, which quantkit never writes: pick a folder outside it"),
-    row(e.PathOverlapsWork, lambda x: f"{x.what} {x.path} is the work folder {x.work} or a folder quantkit fills inside it: pick a folder of its own (without --to, publishing goes to {x.work}/hub-repo)"),
+    row(e.PathOverlapsWork, lambda x: f"{x.what} {x.path} is the work folder {x.work} or a folder quantkit fills inside it: pick a folder of its own, outside the work folder"),
     row(e.PathLeavesWork, lambda x: f"{x.what} {x.path} leads outside the work folder {x.work} (a symlink on the way?): remove the link or pick another --work"),
     row(e.OutputPathInvalid, lambda x: f"{x.path}: {x.reason}: pick another output path"),
     # model and architectures: config.json, safetensors, the Hub, the adapters
@@ -102,9 +102,11 @@ ERROR_TABLE: dict[type[e.QuantkitError], _Message] = dict([
     row(e.NotAnExl2Branch, lambda x: f"{x.folder} is not a converted EXL2 model ({x.reason}): name a branch folder that `quantkit convert` wrote (WORK/out/<branch>)"),
     row(e.EvalReferenceFailed, lambda x: f"the unquantized model's reference logits could not be computed ({x.model}: {x.reason}); nothing was evaluated: fix the cause and rerun `quantkit eval WORK`, finished parts are kept"),
     # publish: the card, the Hub and local git targets
-    row(e.InvalidRepoId, lambda x: f"repo id {x.repo_id!r} is not valid ({x.reason}): write it as USER/NAME, e.g. --repo alice/Llama-3-8B-exl2"),
+    row(e.InvalidRepoId, lambda x: f"repo id {x.repo_id!r} is not valid ({x.reason}): write it as USER/NAME, e.g. {x.option} " + ("alice/Llama-3-8B-exl2" if x.option == "--repo" else "meta-llama/Meta-Llama-3-8B")),
     row(e.CardInvalid, lambda x: f"the model card does not validate: {x.reason}; fix the source's metadata (license, base_model) or report it"),
-    row(e.NoHubToken, lambda x: "no Hugging Face token: log in with `hf auth login` (or set HF_TOKEN), or publish into a local git repository with --to PATH"),
+    row(e.NoHubToken, lambda x: f"no Hugging Face token to publish {x.repo or 'to the Hub'}: log in with `hf auth login` (or set HF_TOKEN), or publish into a local git repository with --to PATH"),
+    row(e.BaseModelUnknown, lambda x: f"{x.source} is not a Hub id, so the card would have no base_model and the quants would not appear in the source's model tree: pass --base-model USER/NAME (or --no-base-model to publish without it)"),
+    row(e.LocalTargetNotRepo, lambda x: f"{x.path} is not empty and not a git repository (it holds {x.found}): pick a new or empty folder, or a git repository, for --to"),
     row(e.TokenCannotWrite, lambda x: f"the token of {x.user} cannot write to {x.namespace} ({x.reason}): create a write token at https://huggingface.co/settings/tokens, or publish under your own name"),
     row(e.HubRequestFailed, lambda x: f"{x.action} failed on the Hub (HTTP {x.status or 'no response'}" + (f", after {x.attempts} attempts" if x.attempts > 1 else "") + f"): {x.reason}; rerun `quantkit publish`, it finishes only what is missing"),
     row(e.PrivateStorageExceeded, lambda x: f"the upload needs {x.needed / 1e9:.1f} GB but {x.plan} private storage is {x.quota / 1e9:.0f} GB: publish without --private, or free private storage"),

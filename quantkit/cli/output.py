@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 #: Rich sizes tables to the terminal, and to 80 columns when stdout is a pipe or a file, which cuts long
 #: names ("Qwen2ForCausalL…") and breaks words. Scripts that grep the output get the full width instead.
@@ -44,7 +45,8 @@ class Output:
             self.err.print(message, markup=False)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, markup=True)
+        # The message is text, not markup: "[publish]" in it must print as it is.
+        self.err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, markup=True)
 
     def error(self, message: str) -> None:
         click.echo(f"error: {message}", err=True)

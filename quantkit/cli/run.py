@@ -13,11 +13,13 @@ from quantkit.cli.gpus import gpus_from, gpus_option, measuring_converter, slots
 from quantkit.cli.measure import say_adapter
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
-from quantkit.eval.core import failed_branches, for_pipeline
+from quantkit.cli.publish import say_report
+from quantkit.eval.core import for_pipeline, read_report
 from quantkit.pipeline import Pipeline
-from quantkit.run import dry_run as plan_dry_run
 from quantkit.publish import BackgroundPublisher, PublishOptions
-from quantkit.run import RunRecipe, check_run_paths, load_run_recipe, run_all
+from quantkit.run import RunRecipe, check_run_paths, load_run_recipe, publish_options, run_all
+from quantkit.run import dry_run as plan_dry_run
+from quantkit.source import check_hub_id
 from quantkit.units import format_gib
 from quantkit.worklock import command_line, work_lock
 
@@ -34,13 +36,26 @@ from quantkit.worklock import command_line, work_lock
 @click.option("--node-work", metavar="DIR",
               help="With --cluster: the folder on each node for its tasks' converter work (default: $QUANTKIT_NODE_WORK, "
                    "else quantkit-cluster in the node's temporary folder).")
+@click.option("--repo", help="Publish to this Hub repo USER/NAME (overrides the recipe's [publish] repo; needs a token).")
+@click.option("--to", "to", type=click.Path(path_type=Path, file_okay=False),
+              help="Publish into this local git repository instead of the Hub (overrides the recipe's [publish] to).")
+@click.option("--private", is_flag=True, help="Create the Hub repo private (or private = true in [publish]).")
+@click.option("--force", is_flag=True, help="Overwrite or delete files on a branch that quantkit did not write.")
+@click.option("--base-model", help="The source's Hub id USER/NAME for the card, when the model is a folder that does not say.")
+@click.option("--no-base-model", is_flag=True, help="Publish to the Hub without a base_model when the source's Hub id is unknown.")
+@click.option("--keep-temp", is_flag=True, help="Keep the converter's scratch (out_tensor, calibration states) after each verified step.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="json: print the branches converted and what was committed where, as JSON on stdout.")
 def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_settings: bool, gpus: str | None,
-        cluster: str | None, node_work: str | None) -> None:
+        cluster: str | None, node_work: str | None, repo: str | None, to: Path | None, private: bool, force: bool,
+        base_model: str | None, no_base_model: bool, keep_temp: bool, fmt: str) -> None:
     """Run RECIPE: calibration -> measure -> convert each branch -> evaluate it -> publish each.
 
-    Publishing works as `quantkit publish` does (main gets measurement.json, README and recipe; each
-    bitrate its own branch), and each branch uploads while the next one converts. Without a [publish]
-    table, or without a Hugging Face token, it publishes into the local git repository WORK/hub-repo.
+    Publishing works as `quantkit publish` does, and each branch uploads while the next one converts:
+    after the first branch is verified, main gets measurement.json, README and recipe; as each further
+    branch lands, main's and every published branch's README are brought up to date, so the card lists
+    exactly the branches that are there. Without a [publish] table (or --repo / --to) nothing is
+    published. Publishing to the Hub needs a token (`hf auth login` or HF_TOKEN) and the source's Hub id.
 
     With several GPUs (--gpus, or all visible by default) the branches convert side by side, one
     converter process pinned to each GPU, as many at once as the system RAM allows, and each is
@@ -55,7 +70,8 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
     State lives in WORK/state.json (atomic writes; "published" says what landed where). After a crash
     anywhere, including mid-conversion or mid-upload, the same command resumes where it stopped and
     publishes only what is missing. Settings that would invalidate finished work are locked unless
-    --force-settings.
+    --force-settings. Once a step is finished and verified, the converter's scratch is deleted
+    (--keep-temp keeps it).
 
     Each converted branch is evaluated against the unquantized model as `quantkit eval` does
     (perplexity, KL divergence, top-1 agreement; WORK/eval.json, the card's KL and PPL columns and the
@@ -65,6 +81,7 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
     \b
     Recipe (TOML):
       model = "./Llama-3-8B"          # folder or Hub id
+      base_model = "meta-llama/Meta-Llama-3-8B"  # the Hub id, when model is a folder that does not say
       work = "work/llama3"
       calibration = "default"         # recipe name or file; calibration_source = "..." for toxic-qna
       rows = 100                      # quant pass; measurement_rows = 16; length = 2048
@@ -76,6 +93,7 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
     Examples:
       quantkit run llama3.toml --dry-run
       quantkit run llama3.toml
+      quantkit run llama3.toml --to /tmp/llama3-exl2 --format json
       quantkit run llama3.toml --work /scratch/llama3 --force-settings
       quantkit run llama3.toml --gpus 0,1,2
       quantkit run llama3.toml mistral.toml qwen.toml --cluster ray://head:10001
@@ -83,12 +101,22 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
     out = Output()
     if work is not None and len(recipes) > 1:
         raise click.BadParameter("one work folder cannot hold several recipes: give one RECIPE, or a `work` in each", param_hint="--work")
+    if (repo is not None or to is not None or base_model is not None) and len(recipes) > 1:
+        raise click.BadParameter("--repo, --to and --base-model name one model's repo: give one RECIPE, or put them in each recipe",
+                                 param_hint="--repo")
+    if base_model is not None:
+        check_hub_id(base_model)
     jobs: list[tuple[RunRecipe, Path, Path]] = []
     for path in recipes:  # every recipe is read before anything starts
         r = load_run_recipe(path)
         folder = work or r.work
         if folder is None:
             raise click.BadParameter(f"{path} names no `work` folder: add `work = \"DIR\"` to it, or pass --work", param_hint="--work")
+        # The command's flags over the recipe's: base_model is recorded with the settings, the rest publishes.
+        settings = r.settings if base_model is None else r.settings.model_copy(update={"base_model": base_model})
+        options = publish_options(r.publish, repo=repo, to=to, private=private, force=force, base_model=base_model,
+                                  no_base_model=no_base_model)
+        r = r.model_copy(update={"settings": settings, "publish": options})
         check_run_paths(r, folder)
         jobs.append((r, folder, path))
     if dry_run:
@@ -108,14 +136,15 @@ def run(recipes: tuple[Path, ...], work: Path | None, dry_run: bool, force_setti
         raise click.BadParameter("--node-work goes with --cluster", param_hint="--node-work")
     chosen = gpus_from(gpus)  # a GPU that does not exist is refused before anything starts
     for r, folder, path in jobs:
-        _run_one(out, r, folder, path, force=force_settings, gpus=chosen)
+        _run_one(out, r, folder, path, force=force_settings, gpus=chosen, keep_temp=keep_temp, fmt=fmt)
 
 
-def _run_one(out: Output, r: RunRecipe, folder: Path, recipe: Path, *, force: bool, gpus: list[str]) -> None:
+def _run_one(out: Output, r: RunRecipe, folder: Path, recipe: Path, *, force: bool, gpus: list[str], keep_temp: bool, fmt: str) -> None:
     start = time.monotonic()
-    publisher = BackgroundPublisher(folder, r.publish, say=out.info)  # a bad repo id fails before any work
+    # A bad repo id, a missing token or an unusable --to folder fails here, before any work.
+    publisher = BackgroundPublisher(folder, r.publish, say=out.info, warn=out.warn) if r.publish is not None else None
     with work_lock(folder, command_line("run", recipe)), StepProgress(out) as view:
-        p = Pipeline(r.settings, folder, listener=view, converter=measuring_converter(gpus))
+        p = Pipeline(r.settings, folder, listener=view, converter=measuring_converter(gpus), keep_temp=keep_temp)
         say_adapter(out, p)
         p.lock(force=force)
         plan = slots(out, p, r.settings.branches, gpus)
@@ -126,15 +155,31 @@ def _run_one(out: Output, r: RunRecipe, folder: Path, recipe: Path, *, force: bo
             if evaluation is not None:
                 evaluation.close()
     total = time.monotonic() - start
-    failed = failed_branches(folder) if evaluation is not None else []
+    report = publisher.publisher.report() if publisher is not None else None
+    evals = read_report(folder) if r.eval.enabled else None
+    if fmt == "json":
+        out.json({"work": str(p.work.root.resolve()),
+                  "branches": [{"branch": res.branch, "achieved_decoder_bpw": res.provenance.achieved_decoder_bpw,
+                                "folder": str(res.folder.resolve()), "evaluation": evals.branches[res.branch].model_dump(mode="json")
+                                if evals is not None and res.branch in evals.branches else None}
+                               for res in results],
+                  "publish": report.model_dump(mode="json") if report is not None else None})
+        return
+    failed = evals.failed() if evals is not None else []
+    where = f", published to {report.target}" if report is not None else ""
     for res in results:
-        where = f"NOT published: its evaluation failed ({folder / 'eval.json'})" if res.branch in failed else f"published to {publisher.target.id}"
-        out.rich(f"{res.branch}: {res.provenance.achieved_decoder_bpw:.3f} bpw -> {res.folder}, {where}")
+        said = f", NOT published: its evaluation failed ({folder / 'eval.json'})" if res.branch in failed else where
+        out.rich(f"{res.branch}: {res.provenance.achieved_decoder_bpw:.3f} bpw -> {res.folder}{said}")
+    if report is None:
+        out.warn("nothing published: add a [publish] table to the recipe (or pass --repo / --to), "
+                 f"or run `quantkit publish {p.work.root} --repo USER/NAME`")
+    else:
+        say_report(out, report)
     own = total - p.converter_seconds
     out.info(f"quantkit's own time: {own:.2f} s of {total:.2f} s ({100 * own / total if total else 0:.1f} %)")
 
 
-def dry_run_plan(p: Pipeline, publish: PublishOptions) -> Table:
+def dry_run_plan(p: Pipeline, publish: PublishOptions | None) -> Table:
     d = plan_dry_run(p, publish)
     t = Table(title=f"Plan for {p.model.name} in {p.work.root}")
     for col in ("Step", "State", "Disk", "System RAM", "VRAM (convert)", "VRAM (load, 4k fp16)"):
@@ -150,7 +195,7 @@ def dry_run_plan(p: Pipeline, publish: PublishOptions) -> Table:
     notes = [f"{s.step}: {s.note}" for s in d.steps if s.note]
     if notes:
         t.caption = "\n".join([t.caption, *notes])
-    t.caption += f"\npublish to {d.publish_target}" + "".join(f"\nwarning: {w}" for w in d.publish_warnings)
+    t.caption += escape(f"\npublish to {d.publish_target}" + "".join(f"\nwarning: {w}" for w in d.publish_warnings))
     if d.needs:
         t.caption += "\na real run needs:" + "".join(f"\n  {escape(n)}" for n in d.needs)  # [exl2] is not markup
     return t

@@ -1,8 +1,9 @@
 """Publishing inside `quantkit run`: bitrate N uploads in one background worker while N+1 converts.
 
 The publishing itself is `publisher.Publisher`, the same as `quantkit publish`'s: the target is
-prepared once, the card written, `main` gets measurement.json + README + recipe/provenance, then each
-converted branch is handed to a single worker thread. What landed is recorded by the publisher in
+prepared (and the Hub's pre-flight run) before any conversion; each converted branch is then handed to
+a single worker thread, which lands it: the branch, then `main` (after the first branch) and the other
+published branches' README, so the card always lists exactly what is there. What landed is recorded by the publisher in
 WORK/state.json under "published" (a failure too, with its error), so a rerun after a crash finds the
 converted branches done and the publisher, being idempotent, commits only what is missing.
 
@@ -32,40 +33,31 @@ class BackgroundPublisher:
     is joined whatever happens."""
 
     def __init__(self, work: Path, options: PublishOptions, *, target: Target | None = None,
-                 say: Callable[[str], None] | None = None, on_event: PublishEvent | None = None) -> None:
+                 say: Callable[[str], None] | None = None, warn: Callable[[str], None] | None = None,
+                 on_event: PublishEvent | None = None) -> None:
         self.work = work
         self.options = options
         self.on_event = on_event or (lambda _e, _b: None)
-        self.publisher = Publisher(work, options, target=target, say=say)  # a bad repo id fails here, before any work
+        self.publisher = Publisher(work, options, target=target, say=say, warn=warn)  # a bad repo id fails here, before any work
         self.target = self.publisher.target
         self._pool: ThreadPoolExecutor | None = None
-        self._futures: list[tuple[str, Future[SyncResult]]] = []
+        self._futures: list[tuple[str, Future[list[SyncResult]]]] = []
 
-    def begin(self) -> SyncResult:
-        """Pre-flight, target and `main`, before any conversion: a token that cannot write fails the
-        run now, not hours later."""
-        self.publisher.prepare(reuse_card=True)
-        result = self.publisher.publish_main()
+    def begin(self) -> None:
+        """Pre-flight and target, before any conversion: a token that cannot write, or a Hub publish
+        without base_model, fails the run now, not hours later."""
+        self.publisher.prepare()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-publish")
-        return result
-
-    def refresh_main(self) -> SyncResult:
-        """`main` again, after `finish()`, with the card and files as they are now (the evaluation's
-        columns, eval.json and its chart); makes no commit when nothing changed."""
-        from quantkit.publish.publisher import write_card
-
-        self.publisher.card = write_card(self.work, self.options.repo, prompt_format=self.options.prompt_format)
-        return self.publisher.publish_main()
 
     def submit(self, branch: str) -> None:
         """Queue `branch` for upload; returns at once."""
         assert self._pool is not None, "begin() first"
         self._futures.append((branch, self._pool.submit(self._upload, branch)))
 
-    def _upload(self, branch: str) -> SyncResult:
+    def _upload(self, branch: str) -> list[SyncResult]:
         self.on_event("upload-start", branch)
         try:
-            result = self.publisher.publish_branch(branch)
+            result = self.publisher.land(branch)
         except BaseException:
             self.on_event("upload-failed", branch)
             raise
@@ -80,11 +72,11 @@ class BackgroundPublisher:
                 raise PublishFailed(branch, self.target.id, exc) from exc
 
     def finish(self) -> list[SyncResult]:
-        """Wait for every upload; raise the first failure."""
+        """Wait for every upload; raise the first failure. Returns every sync, in order."""
         wait([f for _, f in self._futures])
         self.check()
         self.close()
-        return [f.result() for _, f in self._futures]
+        return [r for _, f in self._futures for r in f.result()]
 
     def close(self) -> None:
         if self._pool is not None:

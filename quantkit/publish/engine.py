@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from quantkit import eval as evaluation
 from quantkit.errors import BranchVerifyFailed, ForeignFiles, WorkFolderIncomplete
 from quantkit.guards import check_branch_name
+from quantkit.publish.scrub import publishable
 from quantkit.publish.target import RemoteFile, RetryableError, Target
 from quantkit.workfolder import (
     MEASUREMENT,
@@ -41,6 +42,7 @@ CARD_NAME = "README.md"
 # the settings and provenance travel with the measurement; the evaluation's figures and chart once made
 MAIN_FILES = (MEASUREMENT, PROVENANCE, SETTINGS, evaluation.REPORT_NAME, evaluation.CHART_NAME)
 MAX_ATTEMPTS = 6
+CACHE_MIN_BYTES = 1 << 20
 
 
 class SyncResult(BaseModel):
@@ -68,7 +70,9 @@ class FileHashes:
     def of(self, path: Path) -> tuple[str, str]:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in self._cache:
+        # Small files (the card, rewritten as branches land) are hashed afresh: a rewrite within one
+        # timestamp tick would otherwise look unchanged.
+        if key not in self._cache or st.st_size < CACHE_MIN_BYTES:
             sha256 = hashlib.sha256()
             blob = hashlib.sha1(f"blob {st.st_size}\0".encode())  # noqa: S324 - git's object id, not security
             with path.open("rb") as f:
@@ -118,7 +122,11 @@ def _backoff(attempt: int, retry_after: float | None) -> float:
     return retry_after if retry_after is not None else min(60.0, 2.0 * 2**attempt)
 
 
-def sync_branch(target: Target, branch: str, files: dict[str, Path], *, message: str, force: bool = False,
+#: A commit's title from what it changes (added/updated paths, deleted paths); or a fixed title.
+Message = str | Callable[[list[str], list[str]], str]
+
+
+def sync_branch(target: Target, branch: str, files: dict[str, Path], *, message: Message, force: bool = False,
                 hashes: FileHashes | None = None, sleep: Callable[[float], None] | None = None) -> SyncResult:
     """Make `branch` of `target` hold exactly `files` (plus the first commit's files), in at most one commit.
 
@@ -149,7 +157,8 @@ def sync_branch(target: Target, branch: str, files: dict[str, Path], *, message:
         if not adds and not deletes:
             break
         try:
-            commit = target.commit(branch, {p: files[p] for p in adds}, deletes, message)
+            title = message if isinstance(message, str) else message(sorted(adds), deletes)
+            commit = target.commit(branch, {p: files[p] for p in adds}, deletes, title)
             committed = True
             break
         except RetryableError as exc:
@@ -158,8 +167,8 @@ def sync_branch(target: Target, branch: str, files: dict[str, Path], *, message:
             sleep(_backoff(attempt, exc.retry_after))
     verify_branch(target, branch, files, base, hashes)
     return SyncResult(branch=branch, committed=committed, commit=commit, uploaded=sorted(adds) if committed else [],
-                        deleted=deletes if committed else [], files=len(files),
-                        bytes=sum(p.stat().st_size for p in files.values()))
+                      deleted=deletes if committed else [], files=len(files),
+                      bytes=sum(p.stat().st_size for p in files.values()))
 
 
 def verify_branch(target: Target, branch: str, files: dict[str, Path], base: dict[str, RemoteFile], hashes: FileHashes) -> None:
@@ -190,26 +199,24 @@ def _bits_label(work: Path, branch: str) -> str:
     return f" ({prov.bits:g} bpw)" if prov is not None else ""
 
 
-def publish_main(work: Path, target: Target, card: Path, *, force: bool = False, hashes: FileHashes | None = None) -> SyncResult:
-    result = sync_branch(target, "main", main_files(work, card), message=f"{COMMIT_PREFIX}: measurement.json, README and recipe",
-                         force=force, hashes=hashes)
+def publish_main(work: Path, target: Target, card: Path, *, force: bool = False, hashes: FileHashes | None = None,
+                 message: Message | None = None) -> SyncResult:
+    result = sync_branch(target, "main", publishable(work, "main", main_files(work, card)),
+                         message=message or f"{COMMIT_PREFIX}: measurement.json, README and recipe", force=force, hashes=hashes)
     _record(work, "main", target, result)
     return result
 
 
-def publish_branch(work: Path, branch: str, target: Target, *, card: Path | None = None, force: bool = False,
-                   hashes: FileHashes | None = None) -> SyncResult:
+def publish_branch(work: Path, branch: str, target: Target, *, card: Path, force: bool = False,
+                   hashes: FileHashes | None = None, message: Message | None = None) -> SyncResult:
     """Publish WORK/out/<branch> to its own branch of `target` and record it in WORK/state.json.
 
     Safe to call from a worker thread while the next branch converts (in `quantkit run`); `target` must be
-    prepared (`target.prepare()`), and the card defaults to WORK/publish/README.md (`write_card`).
+    prepared (`target.prepare()`).
     """
-    card = card or work / "publish" / CARD_NAME
-    if not card.is_file():
-        raise WorkFolderIncomplete(work, f"no card at {card}", "run `quantkit publish` (it writes the card) or `quantkit card WORK --output FILE`")
     try:
-        result = sync_branch(target, branch, branch_files(work, branch, card),
-                             message=f"{COMMIT_PREFIX}: branch {branch}{_bits_label(work, branch)}", force=force, hashes=hashes)
+        result = sync_branch(target, branch, publishable(work, branch, branch_files(work, branch, card)),
+                             message=message or f"{COMMIT_PREFIX}: branch {branch}{_bits_label(work, branch)}", force=force, hashes=hashes)
     except Exception as exc:
         _record_failure(work, branch, target, exc)
         raise

@@ -146,7 +146,7 @@ class HubTarget(Target):
         """
         lines = []
         if not self.api.token and not hub.token():
-            raise NoHubToken()
+            raise NoHubToken(self.repo_id)
         try:
             me = self._call("whoami", self.api.whoami)
         except HubRequestFailed as exc:
