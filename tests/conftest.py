@@ -64,6 +64,8 @@ def converter_double(monkeypatch: pytest.MonkeyPatch) -> Path:
 
     monkeypatch.setenv("QUANTKIT_CONVERTER", f"{sys.executable} {DOUBLE}")
     monkeypatch.setenv("QUANTKIT_CONVERTER_VERSION", "0.3.2+double")
+    # The double's branches are not loadable by exllamav2: `quantkit run`'s eval step talks to a double too.
+    monkeypatch.setenv("QUANTKIT_EVAL_WORKER", f"{sys.executable} {DOUBLE.parent / 'eval_worker.py'}")
     for var in ("QK_DOUBLE_FAIL_AT", "QK_DOUBLE_FAIL_MODE", "QK_DOUBLE_DELAY"):
         monkeypatch.delenv(var, raising=False)
     return DOUBLE

@@ -20,7 +20,7 @@ def invoke(*args):
 
 def recipe(tmp_path, model, **extra):
     lines = [f'model = "{model}"', 'work = "w"', "rows = 2", "measurement_rows = 2", "length = 64",
-             "eval = false", '[[branches]]', 'name = "6_5"', "bits = 6.5"]  # the double's outputs are not loadable
+             '[[branches]]', 'name = "6_5"', "bits = 6.5"] 
     lines[5:5] = [f"{k} = {json.dumps(v)}" for k, v in extra.items()]
     (p := tmp_path / "r.toml").write_text("\n".join(lines) + "\n")
     return p

@@ -136,7 +136,7 @@ def invoke(*args: object):
 
 def test_cli_says_so_once_and_dry_run_shows_the_step(tmp_path, converter_double):
     src = source(tmp_path, "stablelm")
-    (r := tmp_path / "r.toml").write_text(f'model = "{src}"\nwork = "w"\nrows = 2\nmeasurement_rows = 2\nlength = 64\neval = false\n'
+    (r := tmp_path / "r.toml").write_text(f'model = "{src}"\nwork = "w"\nrows = 2\nmeasurement_rows = 2\nlength = 64\n'
                                           '[[branches]]\nname = "8_0"\nbits = 8.0\n')
     dry = invoke("run", r, "--dry-run")
     assert dry.exit_code == 0, dry.output
