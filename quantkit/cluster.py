@@ -43,7 +43,7 @@ from quantkit.branches import Branch
 from quantkit.errors import ClusterTasksFailed, ClusterUnreachable, MissingExtra, QuantkitError
 from quantkit.exl2 import measurement as meas
 from quantkit.exl2.status import LogLine
-from quantkit.files import write_text_atomic
+from quantkit.files import write_bytes_atomic, write_text_atomic
 from quantkit.pipeline import Listener, Pipeline, Settings, convert_step
 from quantkit.publish import PublishOptions, Publisher
 from quantkit.publish.engine import CARD_NAME, published
@@ -173,7 +173,7 @@ def _node_pipeline(job: ModelJob, task: str, listener: Listener | None) -> Pipel
     if built is None or (built.parquet.read_bytes() != job.calibration.get(calibration.PARQUET_NAME)):
         p.work.calibration.mkdir(parents=True, exist_ok=True)
         for name, data in job.calibration.items():
-            (p.work.calibration / name).write_bytes(data)
+            write_bytes_atomic(p.work.calibration / name, data)
         built = calibration.read_set(p.work.calibration)
         assert built is not None, "the driver's calibration set did not arrive whole"
     if not p.state.done("calibration"):
@@ -215,7 +215,7 @@ def _publish_from_here(p: Pipeline, branch: str, spec: TargetSpec, card: str) ->
 
     card_path = p.work.root / "publish" / CARD_NAME
     card_path.parent.mkdir(parents=True, exist_ok=True)
-    card_path.write_text(card, encoding="utf-8")
+    write_text_atomic(card_path, card)
     if spec.git_path is not None:
         target: Any = GitTarget(spec.git_path)
     else:

@@ -84,13 +84,16 @@ def reference(tmp_path_factory, tiny_llama) -> tuple[dict, int]:
     return outcome(work), len(seen)
 
 
-WRITES = 14  # a one-branch run's atomic writes (reference checks the count): each is a case below
+#: Room for a one-branch run's atomic writes (14 today); cases past the run's real count skip.
+MAX_WRITES = 20
 
 
-@pytest.mark.parametrize("k", range(1, WRITES + 1))
+@pytest.mark.parametrize("k", range(1, MAX_WRITES + 1))
 def test_a_kill_inside_any_write_leaves_a_job_that_resumes_to_the_same_result(k, tmp_path, tiny_llama, converter_double, monkeypatch, reference):
     expected, writes = reference
-    assert writes == WRITES  # a new write in the pipeline: add its case
+    assert writes <= MAX_WRITES, "the run writes more files than there are cases: raise MAX_WRITES"
+    if k > writes:
+        pytest.skip(f"the run makes {writes} writes")
     work = tmp_path / "w"
     seen = kill_at_commit(monkeypatch, k)
     with pytest.raises(Killed):
