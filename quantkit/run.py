@@ -234,7 +234,8 @@ def _published_status(work: Path, branch: str, target_id: str) -> str:
 
 def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, *, slots: SlotPlan | None = None) -> list[BranchResult]:
     """calibration -> measure -> (all branches checked reachable) -> convert each, and with a publisher:
-    main once the measurement exists, then each branch uploading while the next one converts.
+    its pre-flight before any of it, then each branch uploading while the next one converts (`main`
+    with the first).
 
     With `slots` (quantkit.parallel), the branches convert side by side, one per GPU, and each is
     handed to the publisher as it finishes.
@@ -242,30 +243,31 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, *, slots:
     An upload that failed is raised (PublishFailed) after the conversion in flight finishes; the
     worker is joined before this returns or raises.
     """
-    p.calibration_set()
-    p.measure()
-    p.check_branches(p.settings.branches)
-    if slots is not None:
-        if publisher is None:
+    if publisher is None:
+        p.calibration_set()
+        p.measure()
+        p.check_branches(p.settings.branches)
+        if slots is not None:
             return convert_parallel(p, p.settings.branches, slots)
-        with publisher:
-            publisher.begin()
+        return [p.convert(b) for b in p.settings.branches]
+    with publisher:
+        # Before any work: a token that cannot write, or a Hub publish without base_model, stops the run now.
+        publisher.begin()
+        p.calibration_set()
+        p.measure()
+        p.check_branches(p.settings.branches)
+        if slots is not None:
 
             def hand_over(r: BranchResult) -> None:
                 publisher.check()  # an earlier upload failed: start no further conversion
                 publisher.submit(r.branch)
 
             results = convert_parallel(p, p.settings.branches, slots, on_done=hand_over)
-            publisher.finish()
-        return results
-    if publisher is None:
-        return [p.convert(b) for b in p.settings.branches]
-    results = []
-    with publisher:
-        publisher.begin()
-        for b in p.settings.branches:
-            results.append(p.convert(b))
-            publisher.check()  # an earlier upload failed: stop before the next conversion
-            publisher.submit(b.name)
+        else:
+            results = []
+            for b in p.settings.branches:
+                results.append(p.convert(b))
+                publisher.check()  # an earlier upload failed: stop before the next conversion
+                publisher.submit(b.name)
         publisher.finish()
     return results

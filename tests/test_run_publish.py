@@ -308,3 +308,20 @@ def test_a_bad_publish_table_is_refused_before_any_work(tmp_path, tiny_llama, co
     r = CliRunner().invoke(cli, ["run", str(recipe(tmp_path, tiny_llama, table))])
     assert r.exit_code == 1 and needle in r.output and "Traceback" not in r.output
     assert not (tmp_path / "w" / "calibration").exists()
+
+
+def test_a_model_named_by_a_relative_path_keeps_its_card_metadata_from_any_folder(tmp_path, tiny_llama, converter_double, monkeypatch):
+    # The work folder records the source's absolute path (and Hub id), so a later `card` or `publish`
+    # run from elsewhere still finds the source's card: its license is not silently dropped.
+    shutil.copytree(tiny_llama, tmp_path / "models" / "tiny")
+    (tmp_path / "models" / "tiny" / "README.md").write_text("---\nlicense: llama3\n---\n# tiny\n")
+    monkeypatch.chdir(tmp_path / "models")
+    r = CliRunner().invoke(cli, ["measure", "tiny", "--work", str(tmp_path / "w"), "--rows", "2", "--length", "64"])
+    assert r.exit_code == 0, r.output
+    source = json.loads((tmp_path / "w" / "recipe.json").read_text())["source"]
+    assert source["path"] == str((tmp_path / "models" / "tiny").resolve()) and source["hub_id"] == "tiny/llama"
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["card", str(tmp_path / "w")])
+    assert r.exit_code == 0, r.output
+    meta = ModelCard(r.stdout).data.to_dict()
+    assert meta["license"] == "llama3" and meta["base_model"] == "tiny/llama" and meta["base_model_relation"] == "quantized"
