@@ -390,3 +390,22 @@ def test_cli_bad_input_is_one_line(tmp_path: Path, fake: FakeHub, args: list[str
     result = CliRunner().invoke(cli, ["publish", str(work), *args])
     assert result.exit_code == 1
     assert expect in result.stderr and result.stderr.count("\n") == 1 and "Traceback" not in result.output
+
+
+def test_run_to_the_hub_without_base_model_stops_before_any_work(tmp_path: Path, fake: FakeHub, tiny_llama: Path,
+                                                                converter_double: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.setattr(hub, "token", lambda: "hf_fake")
+    monkeypatch.setattr(hub, "ensure_reachable", lambda repo_id: None)
+    model = tmp_path / "my-finetune"
+    shutil.copytree(tiny_llama, model)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("_name_or_path", None)  # nothing says who this model is on the Hub
+    (model / "config.json").write_text(json.dumps(config))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'model = "{model}"\nwork = "w"\nrows = 2\nmeasurement_rows = 2\nlength = 64\n[publish]\nrepo = "{REPO}"\n')
+    r = CliRunner().invoke(cli, ["run", str(recipe)])
+    assert r.exit_code == 1 and "pass --base-model USER/NAME" in r.stderr
+    assert not (tmp_path / "w" / "calibration").exists()  # stopped before the first step
+    fake.api.create_repo.assert_not_called()  # type: ignore[attr-defined]

@@ -23,6 +23,8 @@ from quantkit.worklock import command_line, work_lock
 work_option = click.option("--work", "work", required=True, type=click.Path(path_type=Path, file_okay=False),
                            help="The work folder (calibration, measurement, one job per bitrate, cleaned outputs).")
 force_option = click.option("--force-settings", is_flag=True, help="Allow settings that invalidate finished work; redoes those steps.")
+keep_temp_option = click.option("--keep-temp", is_flag=True,
+                                help="Keep the converter's scratch (out_tensor, calibration states) once a step is finished and verified.")
 
 
 def _count(name: str, value: int | None) -> int | None:
@@ -54,8 +56,9 @@ def say_adapter(out: Output, p: Pipeline) -> None:
 @click.option("--rows", type=int, help="Calibration rows for the measurement pass (exllamav2 -mr; default 16).")
 @click.option("--length", type=int, help="Tokens per row (exllamav2 -ml/-l; default 2048).")
 @force_option
+@keep_temp_option
 def measure(model: str, work: Path, calibration: str | None, calibration_source: str | None, rows: int | None,
-            length: int | None, force_settings: bool) -> None:
+            length: int | None, force_settings: bool, keep_temp: bool) -> None:
     """Measure MODEL once with exllamav2 (`-om`): the measurement every bitrate is converted from.
 
     Builds the calibration set into WORK/calibration, runs the measurement pass with progress per
@@ -73,7 +76,7 @@ def measure(model: str, work: Path, calibration: str | None, calibration_source:
                   measurement_rows=_count("rows", rows), length=_count("length", length))
     check_work_folder(work, local_model_dir(model))
     with work_lock(work, command_line("measure", model, "--work", work)), StepProgress(out) as view:
-        p = Pipeline(s, work, listener=view)
+        p = Pipeline(s, work, listener=view, keep_temp=keep_temp)
         say_adapter(out, p)
         p.lock(force=force_settings)
         prov = p.measure()
@@ -90,11 +93,14 @@ def measure(model: str, work: Path, calibration: str | None, calibration_source:
 @click.option("--rows", type=int, help="Calibration rows for the quantization pass (exllamav2 -r; default 100).")
 @gpus_option
 @force_option
-def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None, gpus: str | None, force_settings: bool) -> None:
+@keep_temp_option
+def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None, gpus: str | None, force_settings: bool,
+            keep_temp: bool) -> None:
     """Convert MODEL to each bitrate from the one measurement in WORK (exllamav2 `-m`).
 
-    Each bitrate gets WORK/jobs/<branch> (kept, so a crash resumes mid-conversion) and a cleaned,
-    publishable WORK/out/<branch>: no stale index or source README, a correct index, exllamav2's
+    Each bitrate gets WORK/jobs/<branch> (so a crash resumes mid-conversion; its scratch goes once
+    the branch is verified, unless --keep-temp) and a cleaned, publishable WORK/out/<branch>: no
+    stale index or source README, a correct index, exllamav2's
     quantization_config and quantkit.json provenance. Before any GPU work it refuses a measurement
     from another model and bitrates the measurement cannot reach.
 
@@ -116,7 +122,7 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
     s = _settings(model, work, rows=_count("rows", rows)).model_copy(update={"branches": brs})
     check_work_folder(work, local_model_dir(model))
     with work_lock(work, command_line("convert", model, "--work", work)), StepProgress(out) as view:
-        p = Pipeline(s, work, listener=view)
+        p = Pipeline(s, work, listener=view, keep_temp=keep_temp)
         say_adapter(out, p)
         p.lock(force=force_settings)
         rng = p.check_branches(brs)  # all of them, before the first conversion starts

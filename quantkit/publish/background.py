@@ -28,7 +28,7 @@ PublishEvent = Callable[[str, str], None]
 
 
 class BackgroundPublisher:
-    """One run's publishing: `begin()` after the measurement, `submit(branch)` after each conversion,
+    """One run's publishing: `begin()` before the work, `submit(branch)` after each conversion,
     `check()` between conversions, `finish()` at the end. Use it as a context manager so the worker
     is joined whatever happens."""
 
