@@ -62,9 +62,14 @@ def test_an_unimplemented_kernel_raises_naming_itself():
 
 
 def test_exllamav2_attention_is_causal_only_with_quantkits_environment(tmp_path, tiny_llama_exl2, exl2_on_cpu, monkeypatch):
+    import exllamav2.attn
+
     ids = token_ids(tiny_llama_exl2)
     ref = reference_logits(tiny_llama_exl2, ids)
     monkeypatch.delenv(runtime.NO_SDPA, raising=False)
+    # attn.py also reads the variable once, at import: an earlier test may have imported it under
+    # EXLLAMA_NO_SDPA. Restore what an import without it decides; ExLlamaV2Config reads it per model.
+    monkeypatch.setattr(exllamav2.attn, "has_lower_right_sdpa", True)
     plain = exl2_logits(tiny_llama_exl2, ids)
     for key, value in runtime.exllamav2_env().items():
         monkeypatch.setenv(key, value)
