@@ -271,28 +271,27 @@ def _record_pid(work_dir: Path, pid: int, argv: list[str]) -> None:
                                             "quantkit_pid": os.getpid(), "quantkit_start_ticks": _start_ticks(os.getpid())})
 
 
-def orphan(work_dir: Path) -> int | None:
-    """The PID of a converter recorded in `work_dir` that is still running, else None."""
+def _live_pid(work_dir: Path, pid_key: str, ticks_key: str) -> int | None:
+    """The PID recorded under `pid_key` in the job's PID file when that very process (same start
+    time, so not a reused PID) is still running and is not this one, else None."""
     try:
         data = json.loads(pid_path(work_dir).read_text(encoding="utf-8"))
-        pid, ticks = int(data["pid"]), data.get("start_ticks")
+        pid, ticks = int(data[pid_key]), data.get(ticks_key)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if pid == os.getpid() or ticks is None or _start_ticks(pid) != ticks:
         return None
     return pid
+
+
+def orphan(work_dir: Path) -> int | None:
+    """The PID of a converter recorded in `work_dir` that is still running, else None."""
+    return _live_pid(work_dir, "pid", "start_ticks")
 
 
 def _owner(work_dir: Path) -> int | None:
     """The PID of the quantkit that started the recorded converter, when it is alive and not this one."""
-    try:
-        data = json.loads(pid_path(work_dir).read_text(encoding="utf-8"))
-        pid, ticks = int(data["quantkit_pid"]), data.get("quantkit_start_ticks")
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if pid == os.getpid() or ticks is None or _start_ticks(pid) != ticks:
-        return None
-    return pid
+    return _live_pid(work_dir, "quantkit_pid", "quantkit_start_ticks")
 
 
 def stop_orphan(work_dir: Path, say: Callable[[str], None]) -> None:
