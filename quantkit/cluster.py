@@ -46,10 +46,10 @@ from quantkit.exl2.status import LogLine
 from quantkit.files import write_bytes_atomic, write_text_atomic
 from quantkit.pipeline import Listener, Pipeline, Settings, convert_step
 from quantkit.publish import PublishOptions, Publisher
-from quantkit.publish.engine import CARD_NAME, published
+from quantkit.publish.engine import published, set_published
 from quantkit.publish.git_target import GitTarget
 from quantkit.worklock import command_line, work_lock
-from quantkit.workfolder import BranchProvenance, PublishRecord, StateRecord, update_state
+from quantkit.workfolder import BranchProvenance, PublishRecord
 
 RAY_EXTRA = '"quantkit-exl2[ray]"'
 NODE_WORK_ENV = "QUANTKIT_NODE_WORK"
@@ -195,7 +195,7 @@ def node_convert(job: ModelJob, branch: Branch, measured: Measured, target: Targ
     p = _node_pipeline(job, f"convert-{branch.name}", listener)
     for path, data in ((p.work.measurement, measured.measurement), (p.work.provenance, measured.provenance)):
         if not path.is_file() or path.read_bytes() != data:
-            write_text_atomic(path, data.decode("utf-8"))
+            write_bytes_atomic(path, data)
     if not p.state.done("measure"):
         p.state.mark("measure", "done", sha256=hashlib.sha256(measured.measurement).hexdigest(), node=measured.node)
     result = p.convert(branch)
@@ -213,7 +213,7 @@ def node_convert(job: ModelJob, branch: Branch, measured: Measured, target: Targ
 def _publish_from_here(p: Pipeline, branch: str, spec: TargetSpec, card: str) -> PublishRecord | None:
     from quantkit.publish import engine
 
-    card_path = p.work.root / "publish" / CARD_NAME
+    card_path = p.work.card
     card_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(card_path, card)
     if spec.git_path is not None:
@@ -354,8 +354,8 @@ class _Item:
 
     def store_measurement(self, m: Measured) -> None:
         # Both files whole (atomic replace), then the state says done: a crash in between redoes the task.
-        write_text_atomic(self.p.work.measurement, m.measurement.decode("utf-8"))
-        write_text_atomic(self.p.work.provenance, m.provenance.decode("utf-8"))
+        write_bytes_atomic(self.p.work.measurement, m.measurement)
+        write_bytes_atomic(self.p.work.provenance, m.provenance)
         self.p.state.mark("measure", "done", sha256=hashlib.sha256(m.measurement).hexdigest(), node=m.node)
 
     def check_branches(self) -> None:
@@ -369,7 +369,7 @@ class _Item:
     def publish_main(self) -> None:
         if self.publisher is None or self.q.publish is None:
             return
-        self.publisher.prepare(reuse_card=True)
+        self.publisher.prepare()
         self.publisher.publish_main()
         assert self.publisher.card is not None
         self.card = self.publisher.card.read_text(encoding="utf-8")
@@ -381,13 +381,8 @@ class _Item:
         step = convert_step(c.branch)
         self.p.state.mark(step, "done", achieved_decoder_bpw=c.provenance.achieved_decoder_bpw, node=c.node)
         if c.published is not None and self.publisher is not None:
-            tid, record = self.publisher.target.id, c.published
-
-            def change(state: StateRecord) -> StateRecord:
-                on_branch = dict(state.published.get(c.branch, {})) | {tid: record}
-                return state.model_copy(update={"published": state.published | {c.branch: on_branch}})
-
-            update_state(self.p.work.root, change)
+            record = c.published
+            set_published(self.p.work.root, c.branch, self.publisher.target.id, lambda _previous: record)
         self.results[c.branch] = {"achieved_decoder_bpw": c.provenance.achieved_decoder_bpw, "node": c.node,
                                   "published": bool(c.published and c.published.verified)}
 

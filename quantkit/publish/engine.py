@@ -180,12 +180,12 @@ def verify_branch(target: Target, branch: str, files: dict[str, Path], base: dic
 
 
 def _record(work: Path, branch: str, target: Target, result: SyncResult) -> None:
-    _set_published(work, branch, target.id, lambda previous: PublishRecord(
+    set_published(work, branch, target.id, lambda previous: PublishRecord(
         commit=result.commit or (previous.commit if previous else None), files=result.files, bytes=result.bytes,
         verified=True, at=now()))
 
 
-def _set_published(work: Path, branch: str, target_id: str, make: Callable[[PublishRecord | None], PublishRecord]) -> None:
+def set_published(work: Path, branch: str, target_id: str, make: Callable[[PublishRecord | None], PublishRecord]) -> None:
     def change(state: StateRecord) -> StateRecord:
         on_branch = dict(state.published.get(branch, {}))
         on_branch[target_id] = make(on_branch.get(target_id))
@@ -226,7 +226,7 @@ def publish_branch(work: Path, branch: str, target: Target, *, card: Path, force
 
 def _record_failure(work: Path, branch: str, target: Target, exc: BaseException) -> None:
     """The branch is not (fully) published on `target`: say so in state.json, keeping its last commit."""
-    _set_published(work, branch, target.id, lambda previous: PublishRecord(
+    set_published(work, branch, target.id, lambda previous: PublishRecord(
         commit=previous.commit if previous else None, verified=False,
         error=f"{type(exc).__name__}: {exc}".splitlines()[0], at=now()))
 

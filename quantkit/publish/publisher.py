@@ -151,7 +151,9 @@ class Publisher:
 
     def write_card(self, branches: list[str]) -> Path:
         """WORK/publish/README.md listing `branches`, rewritten only when it changes."""
-        text = self.card_text(branches)
+        return self._write_card_text(self.card_text(branches))
+
+    def _write_card_text(self, text: str) -> Path:
         path = self.work / "publish" / CARD_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
@@ -166,12 +168,11 @@ class Publisher:
 
     # ---- the stage ---------------------------------------------------------------------------------
 
-    def prepare(self, *, reuse_card: bool = False) -> None:
+    def prepare(self) -> None:
         """Before any write: the base model, the Hub's pre-flight (token, namespace, private storage,
         source, card), then the target itself; and which branches it already holds.
 
-        The card is rendered anew every time (`reuse_card` is accepted for older callers and ignored):
-        a card on disk may be stale, or half of one after a kill.
+        The card is rendered anew every time: a card on disk may be stale, or half of one after a kill.
 
         Raises: BaseModelUnknown, and the pre-flight's errors (NoHubToken, TokenCannotWrite,
         PrivateStorageExceeded, CardInvalid).
@@ -185,12 +186,12 @@ class Publisher:
             self.warn(w)
         converted = converted_branches(self.work)
         text = self.card_text(converted)  # refuses a Hub publish without base_model before any write
-        self.card = self.write_card(converted)
+        self._write_card_text(text)
         if isinstance(self.target, HubTarget):
             record = read_source(self.work)
             source = self.options.base_model or (record.hub_id if record is not None else None)
             for line in self.target.preflight(upload_bytes=self._upload_bytes(converted), source=source,
-                                              card_text=self.card.read_text(encoding="utf-8")):
+                                              card_text=text):
                 self.say(line)
         self.target.prepare()
         remote = self.target.branches()
@@ -202,25 +203,9 @@ class Publisher:
 
     def publish_main(self) -> SyncResult:
         """`main` with the card `prepare()` wrote: for a driver whose branches are published elsewhere
-        (quantkit.cluster), which then calls `refresh()` as they land."""
+        (quantkit.cluster)."""
         assert self.card is not None, "prepare() first"
         return self._done(engine.publish_main(self.work, self.target, self.card, force=self.options.force, hashes=self.hashes))
-
-    def refresh(self) -> list[SyncResult]:
-        """Bring `main`'s and every listed branch's README up to date with the branches the target
-        holds verified (per WORK/state.json); one commit per README that changed."""
-        remote = self.target.branches()
-        self.listed = [b for b in converted_branches(self.work) if b in remote and self._verified(b)]
-        if not self.listed:
-            return []
-        card = self.write_card(self.listed)
-        readme = _readme_message(self.listed)
-        done = [self._done(engine.publish_main(self.work, self.target, card, force=self.options.force, hashes=self.hashes,
-                                               message=readme if engine.published(self.work, "main", self.target.id) else None))]
-        for b in self.listed:
-            done.append(self._done(engine.publish_branch(self.work, b, self.target, card=card, force=self.options.force,
-                                                         hashes=self.hashes, message=readme)))
-        return done
 
     def _upload_bytes(self, branches: list[str]) -> int:
         files = [p for p in (self.work / n for n in engine.MAIN_FILES) if p.is_file()]
