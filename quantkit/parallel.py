@@ -32,7 +32,6 @@ from pydantic import BaseModel, ConfigDict
 from quantkit.branches import Branch
 from quantkit.errors import NoSuchGpu
 from quantkit.exl2 import converter as conv
-from quantkit.exl2.resources import convert_needs
 from quantkit.exl2.status import LogLine
 from quantkit.pipeline import BranchResult, Pipeline
 
@@ -114,9 +113,7 @@ class SlotPlan(BaseModel):
 
 def plan_slots(p: Pipeline, branches: list[Branch], gpus: list[str], *, ram_available: int | None = None) -> SlotPlan:
     """One conversion per GPU, as many at once as the RAM available holds (at least one)."""
-    s = p.settings
-    ram_each = max((convert_needs(p.model, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length).ram_bytes
-                    for b in branches), default=0)
+    ram_each = max((p.convert_needs(b).ram_bytes for b in branches), default=0)
     at_once = len(gpus)
     if ram_available is not None and ram_each > 0:
         at_once = max(1, min(at_once, ram_available // ram_each))
@@ -140,8 +137,7 @@ def convert_parallel(p: Pipeline, branches: list[Branch], plan: SlotPlan, *,
     todo = [b for b in branches if not conv.is_finished(p.convert_job(b))]
     if todo:
         conv.preflight()
-        s = p.settings
-        p.check_disk([convert_needs(p.model, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length) for b in todo])
+        p.check_disk([p.convert_needs(b) for b in todo])
         p.converter_input()  # once, not from N threads at once
     free: queue.Queue[str] = queue.Queue()
     for gpu in plan.gpus:

@@ -266,6 +266,11 @@ class Pipeline:
         return AdapterRecord(adapter=a.adapter, source_arch=a.source_arch, target_arch=a.target_arch, status=a.status,
                              experimental=a.experimental, exact=a.exact, summary=a.summary())
 
+    def convert_needs(self, branch: Branch) -> StepNeeds:
+        """Disk, RAM and VRAM one branch's conversion needs, with this run's calibration settings."""
+        s = self.settings
+        return convert_needs(self.model, bits=branch.bits, head_bits=branch.head_bits, rows=s.rows, length=s.length)
+
     def adapt_needs(self) -> StepNeeds | None:
         """The working copy's disk and RAM, from the local shards' headers; None without an adapter or
         before the weights are local."""
@@ -409,7 +414,7 @@ class Pipeline:
             return BranchResult(branch=branch.name, folder=out, provenance=done, converter_seconds=0.0, skipped=True)
         if not conv.is_finished(job):
             conv.preflight()
-            self.check_disk([convert_needs(self.model, bits=branch.bits, head_bits=branch.head_bits, rows=s.rows, length=s.length)])
+            self.check_disk([self.convert_needs(branch)])
             self.converter_input()
         self._emit(step, None)
         self.state.mark(step, "running", bits=branch.bits, head_bits=branch.head_bits)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from quantkit import EXLLAMAV2_VERSION, guards
 from quantkit.branches import branches_from_tables, default_branches, load_branch_file
 from quantkit.errors import QuantkitError, RecipeUnknownKey, RecipeUnreadable
-from quantkit.exl2.resources import StepNeeds, convert_needs, measure_needs
+from quantkit.exl2.resources import StepNeeds, measure_needs
 from quantkit.model import Model
 from quantkit.parallel import SlotPlan, convert_parallel
 from quantkit.pipeline import BranchResult, Pipeline, Settings, convert_step
@@ -185,7 +185,7 @@ def dry_run(p: Pipeline, publish: PublishOptions | None = None) -> DryRun:
     infer = {r.branch: r.total_bytes for r in plan.rows} if plan else {}
     for b in s.branches:
         steps.append(DryStep(step=convert_step(b.name), status=p.state.get(convert_step(b.name)).status,
-                             needs=convert_needs(m, bits=b.bits, head_bits=b.head_bits, rows=s.rows, length=s.length),
+                             needs=p.convert_needs(b),
                              inference_vram_bytes=infer.get(b.name)))
     target, warnings = "nowhere: the recipe has no publish table (add [publish], or pass --repo / --to)", []
     if publish is not None:
@@ -282,35 +282,29 @@ def run_all(p: Pipeline, publisher: BackgroundPublisher | None = None, evaluatio
         p.state.mark(f"eval:{r.branch}", ev.status, **({"error": ev.error} if ev.error else {"kl_mean": ev.kl_mean}))
         return ev.status == "done"
 
-    if publisher is None:
-        prepare()
+    def hand_over(r: BranchResult) -> None:
+        ok = passes(r)
+        if publisher is not None:
+            publisher.check()  # an earlier upload failed: start no further conversion
+            if ok:
+                publisher.submit(r.branch)
+
+    def convert_all() -> list[BranchResult]:
         if slots is not None:
-            return convert_parallel(p, p.settings.branches, slots, on_done=passes)
+            return convert_parallel(p, p.settings.branches, slots, on_done=hand_over)
         results = []
         for b in p.settings.branches:
             results.append(p.convert(b))
-            passes(results[-1])
+            hand_over(results[-1])
         return results
+
+    if publisher is None:
+        prepare()
+        return convert_all()
     with publisher:
         # Before any work: a token that cannot write, or a Hub publish without base_model, stops the run now.
         publisher.begin()
         prepare()
-        if slots is not None:
-
-            def hand_over(r: BranchResult) -> None:
-                ok = passes(r)
-                publisher.check()  # an earlier upload failed: start no further conversion
-                if ok:
-                    publisher.submit(r.branch)
-
-            results = convert_parallel(p, p.settings.branches, slots, on_done=hand_over)
-        else:
-            results = []
-            for b in p.settings.branches:
-                results.append(p.convert(b))
-                ok = passes(results[-1])
-                publisher.check()  # an earlier upload failed: stop before the next conversion
-                if ok:
-                    publisher.submit(b.name)
+        results = convert_all()
         publisher.finish()
     return results
