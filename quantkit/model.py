@@ -4,7 +4,6 @@ its safetensors headers. Read from a local folder or a Hub repo id; never reads 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict
 from quantkit import EXLLAMAV2_VERSION
 from quantkit.branches import Branch
 from quantkit.model import Model
+from quantkit.units import format_gib
 from quantkit.vram import (
     CUDA_CONTEXT_BYTES,
-    GiB,
     MAX_BATCH_SIZE,
     MAX_CONTEXT,
     MAX_INPUT_LEN,
@@ -104,9 +104,6 @@ class Plan(BaseModel):
     assumptions: Assumptions = Assumptions(loader=Loader.TABBY, flash_attn=True, paged=True)
 
 
-def native_context(model: Model) -> int:
-    return model.native_context
-
 
 def rope_scale(native: int, context: int) -> float:
     return context / native if context > native else 1.0
@@ -120,7 +117,7 @@ def rope_alpha(scale: float) -> float:
 
 def context_warnings(model: Model, contexts: list[int], caches: list[CacheMode]) -> list[str]:
     out = []
-    native = native_context(model)
+    native = model.native_context
     beyond = sorted({c for c in contexts if c > native})
     if beyond:
         scales = " to ".join(dict.fromkeys(f"x{rope_scale(native, c):.3g}" for c in (beyond[0], beyond[-1])))
@@ -161,7 +158,7 @@ def make_plan(model: Model, branches: list[Branch], contexts: list[int], caches:
               loader: Loader = Loader.TABBY, flash_attn: bool = True) -> Plan:
     for c in contexts:
         check_context(c)
-    native = native_context(model)
+    native = model.native_context
     rows: list[PlanRow] = []
     measured: set[bool] = set()
     ram = 0
@@ -273,7 +270,7 @@ def fit_gpu(model: Model, branches: list[Branch], caches: list[CacheMode], gpu_b
         target_context: the context asked for; None means the model's native context.
         headroom_bytes: left free on the card (must be smaller than it: the CLI checks).
     """
-    native = native_context(model)
+    native = model.native_context
     target = _page_floor(min(target_context or native, MAX_CONTEXT))
     budget = gpu_bytes - headroom_bytes
     limit = max(_page_floor(native), target)
@@ -308,7 +305,7 @@ def fit_gpu(model: Model, branches: list[Branch], caches: list[CacheMode], gpu_b
         bare = fit_gpu(model, branches, caches, gpu_bytes, target_context=target_context, headroom_bytes=0,
                        loader=loader, flash_attn=flash_attn, adapter_note=False).pick
     if pick is None:
-        reason = (f"nothing fits {_gib(budget)} ({_gib(gpu_bytes)} less {_gib(headroom_bytes)} headroom) "
+        reason = (f"nothing fits {format_gib(budget)} ({format_gib(gpu_bytes)} less {format_gib(headroom_bytes)} headroom) "
                   f"even at {min(MIN_CONTEXT, target)} tokens")
     elif pick.context == target:
         reason = "the highest bitrate that holds the target context, with the best cache that fits"
@@ -318,15 +315,12 @@ def fit_gpu(model: Model, branches: list[Branch], caches: list[CacheMode], gpu_b
                            loader=loader, flash_attn=flash_attn, adapter_note=adapter_note, branches=branches)
     if bare is not None:
         caveats.insert(0, f"with nothing else on the GPU (--headroom 0), {bare.branch} with {bare.cache.upper()} cache "
-                          f"would hold {bare.context} tokens, {_gib(bare.spare_bytes)} to spare")
+                          f"would hold {bare.context} tokens, {format_gib(bare.spare_bytes)} to spare")
     fit = Fit(model=model.name, gpu_bytes=gpu_bytes, headroom_bytes=headroom_bytes, budget_bytes=budget,
               native_context=native, target_context=target, rope_scale=rope_scale(native, target), rows=rows,
               pick=pick, reason=reason, caveats=caveats, sentence="")
     return fit.model_copy(update={"sentence": pick_sentence(fit)})
 
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.1f} GiB"
 
 
 def pick_caveats(model: Model, pick: Pick | None, *, target: int, asked: bool, native: int, headroom_bytes: int,
@@ -348,7 +342,7 @@ def pick_caveats(model: Model, pick: Pick | None, *, target: int, asked: bool, n
     elif pick.context < native:
         out.append(f"below the native {native} tokens, as asked")
     if pick.tight:
-        out.append(f"tight fit: {_gib(max(pick.spare_bytes, 0))} to spare beyond the {_gib(headroom_bytes)} headroom; "
+        out.append(f"tight fit: {format_gib(max(pick.spare_bytes, 0))} to spare beyond the {format_gib(headroom_bytes)} headroom; "
                    "close other programs using the GPU, or take the next smaller cache")
     if CacheMode.FP8 in caches:
         out.append("fp8 cache not considered: the dynamic generator refuses ExLlamaV2Cache_8bit")
@@ -372,7 +366,7 @@ def pick_sentence(fit: Fit) -> str:
     where = "the native context" if p.context == fit.native_context or (p.context == _page_floor(fit.native_context) and not p.beyond_native) else ""
     ctx = f"{p.context} tokens" + (f" ({where})" if where else "")
     text = (f"Pick: {p.branch} ({p.bits:g} bpw, lm_head {p.head_bits}) with {p.cache.upper()} cache at {ctx}: "
-            f"{_gib(p.total_bytes)} of {_gib(fit.gpu_bytes)} with {_gib(fit.headroom_bytes)} headroom; {fit.reason}")
+            f"{format_gib(p.total_bytes)} of {format_gib(fit.gpu_bytes)} with {format_gib(fit.headroom_bytes)} headroom; {fit.reason}")
     if fit.caveats:
         text += ". Note: " + "; ".join(fit.caveats)
     return text + "."

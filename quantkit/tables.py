@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from quantkit import EXLLAMAV2_VERSION
-from quantkit.plan import BEYOND_MARK, Plan
+from quantkit.plan import BEYOND_MARK, Plan, PlanRow
 from quantkit.units import format_gib
 from quantkit.vram import CacheMode
 
@@ -12,6 +12,11 @@ def context_label(ctx: int) -> str:
     return f"{ctx // 1024}k" if ctx % 1024 == 0 else str(ctx)
 
 
+
+
+def vram_cell(row: PlanRow) -> str:
+    """A row's total VRAM, marked when its context is beyond the model's native one."""
+    return format_gib(row.total_bytes) + (f" {BEYOND_MARK}" if row.beyond_native else "")
 
 
 def beyond_footnote(plan: Plan) -> str:
@@ -38,7 +43,7 @@ def markdown_table(plan: Plan, cache: str, *, sizes: dict[str, int] | None = Non
         if sizes:
             line.append(format_size(sizes.get(br, 0)))
         line += [column.get(br, "-") for column in extra.values()]
-        line += [format_gib(cells[c].total_bytes) + (f" {BEYOND_MARK}" if cells[c].beyond_native else "") for c in contexts]
+        line += [vram_cell(cells[c]) for c in contexts]
         line.append(plan.descriptions.get(br, ""))
         lines.append(" | ".join(line) + " |")
     if any(r.beyond_native for r in rows):

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from quantkit.branches import Branch, branches_for
-from quantkit.cli.gpus import gpus_from, gpus_option, measuring_converter, slots
+from quantkit.cli.gpus import gpus_from, gpus_option, slots
 from quantkit.cli.output import Output
 from quantkit.cli.progress import StepProgress
 from quantkit.errors import InvalidCount
@@ -74,7 +74,6 @@ def measure(model: str, work: Path, calibration: str | None, calibration_source:
     out = Output()
     s = _settings(model, work, calibration=calibration, calibration_source=calibration_source,
                   measurement_rows=_count("rows", rows), length=_count("length", length))
-    check_work_folder(work, local_model_dir(model))
     with work_lock(work, command_line("measure", model, "--work", work)), StepProgress(out) as view:
         p = Pipeline(s, work, listener=view, keep_temp=keep_temp)
         say_adapter(out, p)
@@ -120,7 +119,6 @@ def convert(model: str, work: Path, bits: str, head_bits: int, rows: int | None,
         raise click.BadParameter("give at least one bitrate", param_hint="--bits")
     chosen = gpus_from(gpus)  # a GPU that does not exist is refused before anything starts
     s = _settings(model, work, rows=_count("rows", rows)).model_copy(update={"branches": brs})
-    check_work_folder(work, local_model_dir(model))
     with work_lock(work, command_line("convert", model, "--work", work)), StepProgress(out) as view:
         p = Pipeline(s, work, listener=view, keep_temp=keep_temp)
         say_adapter(out, p)

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from quantkit.cli.output import Output
-from quantkit.publish import PublishOptions, PublishReport
+from quantkit.guards import check_publish_paths
+from quantkit.publish import PublishOptions, PublishReport, publish_work
 from quantkit.worklock import command_line, work_lock
 
 
@@ -41,9 +42,6 @@ def publish(work: Path, repo: str, private: bool, to: Path | None, force: bool, 
       quantkit publish work/llama3 --repo alice/Llama-3-8B-exl2 --to /tmp/llama3-exl2 --format json
       git -C /tmp/llama3-exl2 log --all --oneline
     """
-    from quantkit.guards import check_publish_paths
-    from quantkit.publish import publish_work
-
     out = Output()
     check_publish_paths(work, to)
     options = PublishOptions(repo=repo, to=to, private=private, force=force, prompt_format=prompt_fmt,

@@ -15,7 +15,7 @@ from quantkit.cli.output import Output
 from quantkit.errors import InvalidHeadroom, InvalidSize
 from quantkit.model import Model, load_model
 from quantkit.plan import DEFAULT_HEADROOM_BYTES, PICK_CACHES, SCHEMA_VERSION, Fit, Plan, fit_gpu, make_plan
-from quantkit.tables import BEYOND_MARK, beyond_footnote, cache_statement, context_label, markdown_table
+from quantkit.tables import BEYOND_MARK, beyond_footnote, cache_statement, context_label, markdown_table, vram_cell
 from quantkit.units import branch_name, format_gib, parse_bits, parse_context, parse_gpu_size, parse_size, split_list
 from quantkit.vram import Loader, achieved_bits, check_head_bits, parse_cache, parse_loader
 
@@ -44,7 +44,7 @@ def rich_tables(plan: Plan, caches: list[str]) -> list[Any]:
             cells = {r.context: r for r in plan.rows if r.branch == br and r.cache == cache}
             first = cells[contexts[0]]
             t.add_row(br, f"{first.bits:g}", str(first.head_bits), cache,
-                      *(format_gib(cells[c].total_bytes) + (f" {BEYOND_MARK}" if cells[c].beyond_native else "") for c in contexts))
+                      *(vram_cell(cells[c]) for c in contexts))
     out: list[Any] = [t]
     if any(r.beyond_native for r in plan.rows):
         out.append(Text(beyond_footnote(plan)))

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from quantkit.errors import EvalReferenceFailed, NotAnExl2Branch, QuantkitError
 from quantkit.eval import CHART_NAME, REPORT_NAME
@@ -93,7 +93,7 @@ def _needs(folder: Path, length: int) -> dict[str, int]:
     """VRAM for the whole model at one row of `length` (no cache), and for its largest module alone."""
     from quantkit.model import load_model
     from quantkit.vram import (CUDA_CONTEXT_BYTES, activation_bytes, decoder_linears, header_weight_bytes,
-                               lm_head_bytes, norms_and_biases_bytes)
+                               norms_and_biases_bytes)
 
     m = load_model(folder)
     shape, spec = m.shape, m.spec
@@ -276,7 +276,7 @@ class Evaluation:
     def _branch_eval(name: str, folder: Path, qc: dict[str, Any], r: TaskResult) -> BranchEval:
         from quantkit.workfolder import read_branch_provenance
 
-        qk = read_branch_provenance(folder) if (folder / "quantkit.json").is_file() else None
+        qk = read_branch_provenance(folder)
         figures = r.model_dump(include={"perplexity", "kl_mean", "kl_median", "kl_p99", "top1_agreement"})
         return BranchEval(branch=name, status=r.status, error=r.error, mode=r.mode,
                           bits=qk.bits if qk else qc.get("bits"), head_bits=qk.head_bits if qk else qc.get("head_bits"),

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 

@@ -4,7 +4,6 @@ and the pre-flight that checks token, namespace, private storage, source and car
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
